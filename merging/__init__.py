@@ -1,0 +1,50 @@
+"""diffusion-merge's library: task vectors and merging on key→tensor mappings, in pure torch.
+
+Nothing here imports ComfyUI. With the pack's root on ``sys.path``::
+
+    import merging
+    tau = merging.task_vector(finetuned_sd, base_sd)           # dict of fp32 deltas
+    lazy = merging.task_vector_from_files("ft.safetensors", "base.safetensors")
+    merging.save_task_vector(lazy.scale(0.8), "tau.safetensors", dtype="fp16")
+"""
+
+from .io import SafetensorsFile, write_safetensors
+from .lora import lora_delta, lora_deltas
+from .task_vector_files import (
+    load_task_vector,
+    open_diffusion_model,
+    save_task_vector,
+    task_vector_from_files,
+)
+from .task_vectors import (
+    ComputedDeltas,
+    Difference,
+    StoredDeltas,
+    TaskVector,
+    apply_task_vector,
+    extract_task_vector,
+    summarize,
+    task_vector,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ComputedDeltas",
+    "Difference",
+    "SafetensorsFile",
+    "StoredDeltas",
+    "TaskVector",
+    "__version__",
+    "apply_task_vector",
+    "extract_task_vector",
+    "load_task_vector",
+    "lora_delta",
+    "lora_deltas",
+    "open_diffusion_model",
+    "save_task_vector",
+    "summarize",
+    "task_vector",
+    "task_vector_from_files",
+    "write_safetensors",
+]

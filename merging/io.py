@@ -1,0 +1,244 @@
+"""Streamed safetensors reading and writing.
+
+The reader parses the safetensors header itself and reads one tensor at a time with plain file reads
+instead of memory-mapping the whole file: a memory map keeps every page it touched resident in the
+process, so streaming two SDXL checkpoints through ``safe_open`` would grow the resident set to the size
+of both files. Nothing here unpickles anything; a file that is not safetensors is refused.
+
+The writer knows every key's dtype and shape in advance (task vectors and merges know them without
+computing anything), writes the header first and then each tensor as it is produced, into a temporary
+file that replaces the target only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class NotSafetensorsError(ValueError):
+    """The file is not a readable safetensors file (it is never unpickled)."""
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A read-only key→tensor mapping over a safetensors file; each lookup reads one tensor from disk."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such file: '{self.path}'")
+        self._entries, self.metadata, self._data_start = _read_header(self.path)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        dtype, shape, (begin, end) = self._entry(key)
+        return self._read(dtype, shape, begin, end)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entry(key)[1])
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        return self._entry(key)[0]
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        """The first ``count`` elements of a tensor (flattened), read without reading the rest."""
+        dtype, shape, (begin, _end) = self._entry(key)
+        count = min(count, math.prod(shape))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return self._read(dtype, (count,), begin, begin + count * itemsize)
+
+    def _entry(self, key: str):
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"'{self.path.name}' has no tensor '{key}'") from None
+
+    def _read(self, dtype: torch.dtype, shape, begin: int, end: int) -> torch.Tensor:
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise NotSafetensorsError(f"'{self.path.name}' is truncated")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _read_header(path: Path):
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > _MAX_HEADER_BYTES or header_len > path.stat().st_size - 8:
+            raise NotSafetensorsError(
+                f"'{path.name}' is not a safetensors file (pickled .ckpt/.pt files are refused; convert them "
+                "to .safetensors first)"
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (header is not a table)")
+    metadata = header.pop("__metadata__", None) or {}
+    entries = {}
+    for key, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            entries[key] = (dtype, tuple(info["shape"]), tuple(info["data_offsets"]))
+        except (KeyError, TypeError):
+            raise NotSafetensorsError(f"'{path.name}': unsupported or malformed entry '{key}'") from None
+    return entries, metadata, 8 + header_len
+
+
+def shape_of(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it when the mapping can tell (files), else from the tensor."""
+    if hasattr(mapping, "shape_of"):
+        return mapping.shape_of(key)
+    return tuple(mapping[key].shape)
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write tensors to ``path`` one at a time, atomically.
+
+    ``specs`` lists (key, dtype, shape) in the order ``tensors`` will yield them; each yielded tensor is
+    checked against its spec, converted to the spec's dtype and written before the next is produced.
+    ``progress`` is called with the number of tensors written so far. The file appears under its final
+    name only when everything was written.
+    """
+    path = Path(path)
+    specs = list(specs)
+    header, data_size = _header_for(specs, metadata)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(struct.pack("<Q", len(header)))
+            handle.write(header)
+            written = _write_tensors(handle, specs, tensors, progress)
+            if written != data_size:
+                raise RuntimeError(f"wrote {written} bytes of tensor data, expected {data_size}")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _header_for(specs, metadata) -> tuple[bytes, int]:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), offset
+
+
+def _write_tensors(handle, specs, tensors, progress) -> int:
+    written = 0
+    produced = iter(tensors)
+    for done, (key, dtype, shape) in enumerate(specs, start=1):
+        try:
+            got_key, tensor = next(produced)
+        except StopIteration:
+            raise RuntimeError(f"tensor stream ended before '{key}'") from None
+        if got_key != key or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"expected '{key}' {tuple(shape)}, got '{got_key}' {tuple(tensor.shape)}")
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+        if data.numel():
+            handle.write(data.view(torch.uint8).numpy().data)
+        written += data.numel() * data.element_size()
+        if progress is not None:
+            progress(done)
+    return written
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'fp16' / 'bf16' / 'fp32' / 'fp8_e4m3fn' … → torch dtype."""
+    aliases = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp8_e4m3fn": torch.float8_e4m3fn,
+        "fp8_e5m2": torch.float8_e5m2,
+    }
+    try:
+        return aliases[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype '{name}'; use one of {sorted(aliases)}") from None
+
+
+class RenamedMapping(Mapping[str, torch.Tensor]):
+    """A view of another mapping under new key names ({new: old}); shape and head lookups pass through."""
+
+    def __init__(self, inner: Mapping[str, torch.Tensor], names: Mapping[str, str]):
+        self._inner = inner
+        self._names = dict(names)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._inner[self._names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return shape_of(self._inner, self._names[key])
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        inner_key = self._names[key]
+        if hasattr(self._inner, "head"):
+            return self._inner.head(inner_key, count)
+        return self._inner[inner_key].reshape(-1)[:count]

@@ -1,0 +1,379 @@
+"""Task vectors: τ = θ_finetuned − θ_base as a lazy, key-by-key object.
+
+A :class:`TaskVector` is a linear combination Σ cᵢ·leafᵢ of *leaves*, each of which can produce the delta
+of one key on demand (the difference of two weight mappings, deltas stored in a file, deltas computed from
+a LoRA …). Scaling, adding, subtracting and negating only rearrange coefficients; nothing is computed until
+a key is asked for, and then only that key, in fp32 on the chosen device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .device import best_device
+from .io import shape_of
+from .keys import fingerprint, select_keys
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class DeltaLeaf(ABC):
+    """A source of per-key deltas: knows its keys and shapes without computing anything."""
+
+    label: str = "delta"
+
+    @abstractmethod
+    def keys(self) -> Sequence[str]: ...
+
+    @abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def compute(self, key: str, device: torch.device) -> torch.Tensor:
+        """The fp32 delta of ``key`` on ``device``."""
+
+    def describe(self) -> dict:
+        return {"op": self.label}
+
+
+class Difference(DeltaLeaf):
+    """finetuned[key] − base[key] for two weight mappings of the same architecture."""
+
+    label = "difference"
+
+    def __init__(
+        self,
+        finetuned: Mapping[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor],
+        keys: Sequence[str] | None = None,
+        names: tuple[str, str] = ("finetuned", "base"),
+    ):
+        self.finetuned, self.base, self.names = finetuned, base, names
+        self._keys = list(finetuned.keys()) if keys is None else list(keys)
+        self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
+
+    def keys(self) -> Sequence[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def compute(self, key: str, device: torch.device) -> torch.Tensor:
+        finetuned = self.finetuned[key].to(device=device, dtype=torch.float32)
+        return finetuned - self.base[key].to(device=device, dtype=torch.float32)
+
+    def describe(self) -> dict:
+        return {"op": self.label, "finetuned": self.names[0], "base": self.names[1]}
+
+
+def _checked_shapes(finetuned, base, keys, names, whole) -> dict[str, tuple[int, ...]]:
+    missing = [k for k in keys if k not in base]
+    extra = [k for k in base if k not in finetuned] if whole else []
+    for absent, has, lacks in ((missing, *names), (extra, *reversed(names))):
+        if absent:
+            raise ValueError(
+                f"different architectures: {len(absent)} key(s) of {has} are missing from {lacks}, e.g. '{absent[0]}'"
+            )
+    shapes = {}
+    for key in keys:
+        ft_shape, base_shape = shape_of(finetuned, key), shape_of(base, key)
+        if ft_shape != base_shape:
+            raise ValueError(
+                f"key '{key}' is {ft_shape} in {names[0]} but {base_shape} in {names[1]} — "
+                "are both the same architecture?"
+            )
+        shapes[key] = ft_shape
+    return shapes
+
+
+class StoredDeltas(DeltaLeaf):
+    """Deltas that already exist as tensors: an in-memory dict or a file mapping."""
+
+    label = "stored"
+
+    def __init__(self, deltas: Mapping[str, torch.Tensor], name: str = "deltas"):
+        self.deltas, self.name = deltas, name
+        self._keys = list(deltas.keys())
+
+    def keys(self) -> Sequence[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return shape_of(self.deltas, key)
+
+    def compute(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.deltas[key].to(device=device, dtype=torch.float32)
+
+    def describe(self) -> dict:
+        return {"op": self.label, "source": self.name}
+
+
+class ComputedDeltas(DeltaLeaf):
+    """Deltas produced by a function, e.g. a LoRA's up·down products."""
+
+    label = "computed"
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        fn: Callable[[str, torch.device], torch.Tensor],
+        name: str,
+    ):
+        self._shapes, self.fn, self.name = dict(shapes), fn, name
+
+    def keys(self) -> Sequence[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def compute(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.fn(key, device).to(device=device, dtype=torch.float32)
+
+    def describe(self) -> dict:
+        return {"op": self.label, "source": self.name}
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """A lazy task vector Σ cᵢ·leafᵢ; see the module docstring.
+
+    ``base_fingerprint`` identifies the base model the deltas belong to (see :mod:`merging.keys`).
+    ``nonfinite`` says what to do with a key whose delta holds NaN/Inf: ``"error"`` raises naming the key,
+    ``"skip"`` treats that key as unchanged and logs a warning.
+    """
+
+    terms: tuple[tuple[float, DeltaLeaf], ...]
+    base_fingerprint: str | None = None
+    nonfinite: str = "error"
+    sources: tuple[str, ...] = ()
+    _shapes: dict = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, not '{self.nonfinite}'")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for _, leaf in self.terms:
+            for key in leaf.keys():
+                shape = tuple(leaf.shape(key))
+                if shapes.setdefault(key, shape) != shape:
+                    raise ValueError(
+                        f"key '{key}' is {shapes[key]} in one task vector but {shape} in another — "
+                        "were both extracted from the same architecture?"
+                    )
+        object.__setattr__(self, "_shapes", shapes)
+
+    # -- inspection ---------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(s) for s in self._shapes.values())
+
+    @property
+    def recipe(self) -> dict:
+        return {"sum": [{"coefficient": c, **leaf.describe()} for c, leaf in self.terms]}
+
+    # -- values -------------------------------------------------------------------------------------
+
+    def delta(self, key: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """The fp32 delta of one key, computed now on ``device`` (the best available by default)."""
+        device = torch.device(device) if device is not None else best_device()
+        with torch.no_grad():
+            return self._sum_of_terms(key, device)
+
+    def _sum_of_terms(self, key: str, device: torch.device) -> torch.Tensor:
+        total = torch.zeros(self._shapes[key], dtype=torch.float32, device=device)
+        for coefficient, leaf in self.terms:
+            if coefficient == 0.0 or key not in leaf.keys():
+                continue
+            part = leaf.compute(key, device)
+            if not torch.isfinite(part).all():
+                if self.nonfinite == "error":
+                    raise ValueError(
+                        f"key '{key}' has NaN/Inf values in its delta ({leaf.describe()}); "
+                        "fix the source model or choose to skip non-finite keys"
+                    )
+                logger.warning("skipping key '%s': its delta has NaN/Inf values", key)
+                return torch.zeros_like(total)
+            total.add_(part, alpha=coefficient)
+        return total
+
+    def items(self, device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, fp32 delta) one key at a time."""
+        for key in self._shapes:
+            yield key, self.delta(key, device)
+
+    def to_dict(self, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Materialise every key (small models and tests; large models should stream :meth:`items`)."""
+        return {key: delta.to(device=device, dtype=dtype) for key, delta in self.items()}
+
+    # -- algebra (lazy) -----------------------------------------------------------------------------
+
+    def scale(self, factor: float) -> TaskVector:
+        return self._with_terms(tuple((c * float(factor), leaf) for c, leaf in self.terms))
+
+    def __mul__(self, factor: float) -> TaskVector:
+        return self.scale(factor)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TaskVector:
+        return self.scale(-1.0)
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        if self.base_fingerprint and other.base_fingerprint and self.base_fingerprint != other.base_fingerprint:
+            logger.warning(
+                "adding task vectors extracted from different base models (%s vs %s)",
+                self.base_fingerprint,
+                other.base_fingerprint,
+            )
+        return TaskVector(
+            self.terms + other.terms,
+            base_fingerprint=self.base_fingerprint or other.base_fingerprint,
+            nonfinite=self.nonfinite,
+            sources=self.sources + tuple(s for s in other.sources if s not in self.sources),
+        )
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        return self + (-other)
+
+    def select(self, pattern: str) -> TaskVector:
+        """Only the keys whose names match a regular expression."""
+        kept = set(select_keys(self.keys(), pattern))
+        return self._with_terms(tuple((c, _Selected(leaf, kept)) for c, leaf in self.terms))
+
+    def _with_terms(self, terms) -> TaskVector:
+        return TaskVector(terms, self.base_fingerprint, self.nonfinite, self.sources)
+
+
+class _Selected(DeltaLeaf):
+    def __init__(self, leaf: DeltaLeaf, kept: set[str]):
+        self.leaf = leaf
+        self._keys = [k for k in leaf.keys() if k in kept]
+
+    def keys(self) -> Sequence[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.leaf.shape(key)
+
+    def compute(self, key: str, device: torch.device) -> torch.Tensor:
+        return self.leaf.compute(key, device)
+
+    def describe(self) -> dict:
+        return {**self.leaf.describe(), "keys": len(self._keys)}
+
+
+def extract_task_vector(
+    finetuned: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    *,
+    key_filter: str | None = None,
+    nonfinite: str = "error",
+    names: tuple[str, str] = ("finetuned", "base"),
+) -> TaskVector:
+    """The lazy task vector finetuned − base over two key→tensor mappings (dicts, files, model views).
+
+    ``key_filter`` is a regular expression; only matching keys are kept. Shapes and key sets are checked
+    now, values only when a key is read.
+    """
+    keys = None
+    if key_filter:
+        keys = select_keys(finetuned.keys(), key_filter)
+        if not keys:
+            raise ValueError(f"key filter '{key_filter}' matches no key of {names[0]}")
+    leaf = Difference(finetuned, base, keys, names)
+    if not leaf.keys():
+        raise ValueError(f"{names[0]} has no keys")
+    return TaskVector(
+        ((1.0, leaf),),
+        base_fingerprint=fingerprint(base, {k: shape_of(base, k) for k in base}),
+        nonfinite=nonfinite,
+        sources=names,
+    )
+
+
+def task_vector(
+    finetuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], key_filter: str | None = None
+) -> dict[str, torch.Tensor]:
+    """finetuned − base for in-memory key→tensor mappings, as a dict of fp32 CPU tensors."""
+    return extract_task_vector(finetuned, base, key_filter=key_filter).to_dict()
+
+
+def apply_task_vector(
+    weights: Mapping[str, torch.Tensor],
+    vector: TaskVector | Mapping[str, torch.Tensor],
+    strength: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """θ + strength·τ key by key, each result in the weight's own dtype; keys τ lacks are returned as-is."""
+    if not isinstance(vector, TaskVector):
+        vector = TaskVector(((1.0, StoredDeltas(vector)),))
+    merged = {}
+    for key, weight in weights.items():
+        if key in vector:
+            delta = vector.delta(key, weight.device)
+            merged[key] = (weight.to(torch.float32) + strength * delta).to(weight.dtype)
+        else:
+            merged[key] = weight
+    return merged
+
+
+_BLOCK_INDEX = re.compile(r"^\d+$")
+
+
+def block_name(key: str) -> str:
+    """The block a key belongs to: its path up to and including the first numeric index."""
+    parts = key.split(".")
+    if parts and parts[0] in ("diffusion_model", "text_encoders"):
+        parts = parts[1:]
+    block = []
+    for part in parts[:-1]:
+        block.append(part)
+        if _BLOCK_INDEX.match(part):
+            break
+    return ".".join(block) or parts[-1]
+
+
+def summarize(vector: TaskVector, device: torch.device | str | None = None) -> dict:
+    """Key count, parameter count, L2 norm, sparsity (share of exact zeros) and per-block L2 norms."""
+    blocks: dict[str, float] = {}
+    total_sq, zeros, params = 0.0, 0, 0
+    for key, delta in vector.items(device):
+        square = float(delta.double().square().sum())
+        total_sq += square
+        zeros += int((delta == 0).sum())
+        params += delta.numel()
+        name = block_name(key)
+        blocks[name] = blocks.get(name, 0.0) + square
+    return {
+        "keys": len(vector),
+        "parameters": params,
+        "norm": math.sqrt(total_sq),
+        "sparsity": zeros / params if params else 0.0,
+        "block_norms": {name: math.sqrt(sq) for name, sq in blocks.items()},
+    }

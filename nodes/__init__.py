@@ -1,0 +1,15 @@
+"""The pack's ComfyUI nodes (V3): thin glue between ComfyUI objects and the ``merging`` library."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import demo, task_vectors
+from .comfy_bridge import register_task_vector_folder
+
+register_task_vector_folder()
+
+ALL_NODES: list[type[io.ComfyNode]] = [*task_vectors.NODES, *demo.NODES]
+
+
+class DiffusionMergeExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(ALL_NODES)

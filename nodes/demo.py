@@ -1,0 +1,55 @@
+"""The built-in demo model: a tiny SD1.5-architecture checkpoint built in memory, no download needed."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from . import demo_models
+from .types import CATEGORY
+
+
+class DemoCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DM_DemoCheckpointLoader",
+            display_name="Load Demo Checkpoint (tiny, built in)",
+            category=f"{CATEGORY}/demo",
+            description="A miniature SD1.5-architecture MODEL, CLIP and VAE with seeded weights, built in memory. "
+            "It lets every example workflow run anywhere without downloads; its pictures are noise, not art. "
+            "'finetune-a' changes the early UNet blocks, 'finetune-b' the late ones.",
+            inputs=[
+                io.Combo.Input(
+                    "variant",
+                    options=list(demo_models.VARIANTS),
+                    default="base",
+                    tooltip="base, or one of two deterministic 'fine-tunes' of it (for task-vector demos).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    tooltip="Seed of the base weights; the same seed always builds the same model.",
+                ),
+            ],
+            outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, variant="base", seed=0):
+        model = demo_models.build_sd15(seed, variant)
+        clip = demo_models.build_clip(seed, variant)
+        vae_logger = logging.getLogger()
+        level = vae_logger.level
+        vae_logger.setLevel(logging.ERROR)  # the VAE is built without a state dict: silence "missing keys"
+        try:
+            vae = demo_models.build_vae(seed)
+        finally:
+            vae_logger.setLevel(level)
+        return io.NodeOutput(model, clip, vae)
+
+
+NODES = [DemoCheckpointLoader]

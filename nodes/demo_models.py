@@ -1,0 +1,182 @@
+"""Tiny built-in models with deterministic weights: the demo model and the test models.
+
+No weights can be downloaded where this pack is developed, so examples and tests run on miniature
+SD1.5-architecture and Flux-architecture networks built in memory from a seed. ``finetune`` variants are
+the base plus a seeded change on some blocks, so task vectors between them are meaningful.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models
+import comfy.supported_models_base
+import torch
+
+SD15_TINY = dict(
+    use_checkpoint=False,
+    image_size=32,
+    use_spatial_transformer=True,
+    legacy=False,
+    adm_in_channels=None,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    num_res_blocks=[1],
+    channel_mult=[1],
+    transformer_depth=[1],
+    transformer_depth_output=[1, 1],
+    transformer_depth_middle=-2,
+    use_linear_in_transformer=False,
+    context_dim=64,
+    use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
+# The smallest UNet ComfyUI's loaders detect as SD1.5 (320 channels, 768-wide context): for file paths.
+SD15_DETECTABLE = {**SD15_TINY, "model_channels": 320, "context_dim": 768, "transformer_depth_output": [0, 0]}
+
+FLUX_TINY = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "patch_size": 2,
+    "out_channels": 16,
+    "vec_in_dim": 32,
+    "context_in_dim": 64,
+    "hidden_size": 64,
+    "mlp_ratio": 2.0,
+    "num_heads": 2,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12],
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+TINY_CLIP_CONFIG = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "projection_dim": 64,
+    "vocab_size": 49408,
+    "bos_token_id": 0,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+TINY_VAE_CONFIG = {
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    }
+}
+
+VARIANTS = ("base", "finetune-a", "finetune-b")
+# Which blocks each fine-tune changes: A the early blocks, B the late ones, both the time embedding.
+_FINETUNE_BLOCKS = {
+    "finetune-a": ("input_blocks.", "time_embed.", "img_in.", "double_blocks."),
+    "finetune-b": ("output_blocks.", "out.", "time_embed.", "final_layer.", "single_blocks."),
+}
+
+
+def init_weights(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Seeded weights: norms 1, biases 0, everything else N(0, scale²); ComfyUI skips initialisation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            if name.endswith("bias"):
+                param.zero_()
+            elif "norm" in name or name.endswith(".scale"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def perturb(module: torch.nn.Module, variant: str, seed: int, scale: float = 0.01) -> None:
+    """Add a seeded change to the blocks a fine-tune variant owns (see ``_FINETUNE_BLOCKS``)."""
+    if variant == "base":
+        return
+    if variant not in _FINETUNE_BLOCKS:
+        raise ValueError(f"unknown demo variant '{variant}'; choose one of {VARIANTS}")
+    generator = torch.Generator().manual_seed(seed + 1000 * (VARIANTS.index(variant)))
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            if name.startswith(_FINETUNE_BLOCKS[variant]):
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def _patcher(base_model) -> comfy.model_patcher.ModelPatcher:
+    return comfy.model_patcher.ModelPatcher(
+        base_model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def build_sd15(seed: int = 0, variant: str = "base", dtype=torch.float32, **config) -> comfy.model_patcher.ModelPatcher:
+    """A tiny SD1.5-architecture UNet (ε-prediction) as a MODEL."""
+    model_config = comfy.supported_models.SD15({**SD15_TINY, **config})
+    model_config.set_inference_dtype(dtype, None)
+    base_model = model_config.get_model({})
+    init_weights(base_model.diffusion_model, seed)
+    perturb(base_model.diffusion_model, variant, seed)
+    return _patcher(base_model)
+
+
+def build_flux(seed: int = 0, variant: str = "base", dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """A tiny Flux-architecture DiT (flow matching, CONST sampling) as a MODEL."""
+    model_config = comfy.supported_models.Flux(dict(FLUX_TINY))
+    model_config.set_inference_dtype(dtype, None)
+    base_model = model_config.get_model({}, device="cpu")
+    init_weights(base_model.diffusion_model, seed)
+    perturb(base_model.diffusion_model, variant, seed)
+    return _patcher(base_model)
+
+
+class _TinyClipModel(comfy.sd1_clip.SD1ClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+        super().__init__(
+            device=device,
+            dtype=dtype,
+            model_options=model_options or {},
+            clip_model=functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=dict(TINY_CLIP_CONFIG)),
+            **kwargs,
+        )
+
+
+def build_clip(seed: int = 0, variant: str = "base") -> comfy.sd.CLIP:
+    """A tiny SD1-style CLIP text encoder (64-wide) using ComfyUI's own tokenizer."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, _TinyClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    init_weights(clip.cond_stage_model, seed + 1)
+    if variant != "base":
+        generator = torch.Generator().manual_seed(seed + 7 * VARIANTS.index(variant))
+        with torch.no_grad():
+            for name, param in sorted(clip.cond_stage_model.named_parameters()):
+                if ".encoder.layers.1." in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+    return clip
+
+
+def build_vae(seed: int = 0) -> comfy.sd.VAE:
+    """A tiny KL autoencoder with a 4-channel latent (8× down-sampling)."""
+    vae = comfy.sd.VAE(sd={}, config=TINY_VAE_CONFIG, dtype=torch.float32)
+    init_weights(vae.first_stage_model, seed + 2, scale=0.05)
+    return vae

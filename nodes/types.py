@@ -1,0 +1,34 @@
+"""Socket types of the pack (type strings are global across packs, so they carry the DM_ prefix)."""
+
+from comfy_api.latest import io
+
+TaskVectorType = io.Custom("DM_TASK_VECTOR")
+
+CATEGORY = "diffusion_merge"
+NONFINITE_CHOICES = ["error", "skip key"]
+DTYPE_CHOICES = ["fp16", "bf16", "fp32"]
+
+
+def nonfinite_policy(choice: str) -> str:
+    return "skip" if choice == "skip key" else "error"
+
+
+def nonfinite_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "nonfinite",
+        options=NONFINITE_CHOICES,
+        default="error",
+        optional=True,
+        tooltip="What to do when a key's delta has NaN/Inf values: stop with an error naming the key, "
+        "or skip that key (treat it as unchanged) and log a warning.",
+    )
+
+
+def key_filter_input() -> io.String.Input:
+    return io.String.Input(
+        "key_filter",
+        default="",
+        optional=True,
+        tooltip="Regular expression on parameter names; only matching keys are kept. Empty = all keys. "
+        r"Examples: 'input_blocks\.|middle_block\.' (SD1/SDXL encoder half), 'double_blocks\.' (Flux).",
+    )

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: set up the venv if needed, then lint, format check and the whole test suite
+# (unit, integration against ComfyUI in process, e2e against a real ComfyUI server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_venv.sh
+
+export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+"$VENV/bin/python" -m pytest "$@"
