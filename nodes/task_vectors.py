@@ -230,7 +230,7 @@ class TaskVectorScale(io.ComfyNode):
             node_id="DM_TaskVectorScale",
             display_name="Scale Task Vector",
             category=TV_CATEGORY,
-            description="factor · τ (lazy).",
+            description="factor · τ: strengthen, weaken or reverse a task vector (lazy: only a coefficient changes).",
             inputs=[
                 _tv_input(),
                 io.Float.Input(
@@ -274,7 +274,7 @@ class TaskVectorSubtract(io.ComfyNode):
             node_id="DM_TaskVectorSubtract",
             display_name="Subtract Task Vectors",
             category=TV_CATEGORY,
-            description="τ_a − τ_b (lazy).",
+            description="τ_a − τ_b (lazy), e.g. to remove one fine-tune's change from a combination.",
             inputs=[
                 _tv_input("a", "Task vector to subtract from."),
                 _tv_input("b", "Task vector to subtract."),

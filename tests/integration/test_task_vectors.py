@@ -243,3 +243,26 @@ def test_save_refuses_paths_outside_the_output_folder(tiny_sd15, prefix):
     vector = extract(tiny_sd15(0, "finetune-a"), tiny_sd15(0))
     with pytest.raises(ValueError, match="output folder"):
         tv_nodes.TaskVectorSave.execute(vector, prefix, "fp16")
+
+
+def test_text_encoder_part_round_trips_through_apply_and_the_stock_lora_loader(demo, comfyui):
+    import nodes
+
+    base_model, finetuned_model = demo.build_sd15(0), demo.build_sd15(0, "finetune-a")
+    base_clip, finetuned_clip = demo.build_clip(0), demo.build_clip(0, "finetune-a")
+    vector = extract(finetuned_model, base_model, clip_finetuned=finetuned_clip, clip_base=base_clip)
+    text_keys = [k for k in vector.keys() if k.startswith("text_encoders.")]
+    assert text_keys and all(k.endswith((".weight", ".bias")) for k in text_keys)
+
+    def encode(clip):
+        return clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))[0][0]
+
+    _, patched_clip = tv_nodes.TaskVectorApply.execute(base_model, vector, 1.0, base_clip).result
+    assert max_diff(encode(patched_clip), encode(finetuned_clip)) <= 1e-4
+    assert max_diff(encode(base_clip), encode(finetuned_clip)) > 1e-3
+
+    tv_nodes.TaskVectorSave.execute(vector, "task_vectors/with_clip", "fp32")
+    saved = next((comfyui / "output" / "task_vectors").glob("with_clip_*.safetensors"))
+    shutil.copy(saved, comfyui / "models" / "loras" / saved.name)
+    _, loaded_clip = nodes.LoraLoader().load_lora(base_model, base_clip, saved.name, 1.0, 1.0)
+    assert max_diff(encode(loaded_clip), encode(finetuned_clip)) <= 1e-4
