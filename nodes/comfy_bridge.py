@@ -35,17 +35,22 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
     stored tensor itself (no copy).
     """
 
-    def __init__(self, patcher, prefix: str = UNET_PREFIX, rename: str = ""):
+    def __init__(self, patcher, prefix: str = UNET_PREFIX, rename: str = "", device: torch.device | None = None):
         key_patches = patcher.get_key_patches(prefix or None)
         self._entries = {rename + k: (k, v) for k, v in key_patches.items() if _is_float(v[0][0])}
+        self._device = device
 
     def __getitem__(self, key: str) -> torch.Tensor:
         original_key, (stored, *patches) = self._entries[key]
         weight, convert = stored
         if not patches:
             return weight
-        weight = convert(mm.cast_to_device(weight, weight.device, torch.float32, copy=True), inplace=True)
+        device = self._device or weight.device
+        weight = convert(mm.cast_to_device(weight, device, torch.float32, copy=True), inplace=True)
         return comfy.lora.calculate_weight(patches, weight, original_key)
+
+    def is_patched(self, key: str) -> bool:
+        return len(self._entries[key][1]) > 1
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
