@@ -8,4 +8,5 @@ source scripts/setup_venv.sh
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
+"$VENV/bin/python" scripts/build_workflows.py --check   # shipped example workflows match the node definitions
 "$VENV/bin/python" -m pytest "$@"

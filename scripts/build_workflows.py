@@ -1,0 +1,489 @@
+"""Generate the shipped example workflows (``example_workflows/*.json``, editor UI format, schema 0.4).
+
+Each workflow is one function below that describes its graph compactly: ``g.node(type, column, **inputs)``
+where an input is either a widget value or another node's output (``loader["MODEL"]``). Slot order, widget
+order, link types and defaults come from ComfyUI's own node definitions (``/object_info`` computed in
+process), so the files match what the editor would save. Nodes are laid out left to right in columns.
+
+Every built workflow is also converted to an API prompt with the demo models swapped in and validated by
+ComfyUI, so a file that the demo could not run is never written.
+
+    .venv/bin/python scripts/build_workflows.py           # (re)write example_workflows/*.json
+    .venv/bin/python scripts/build_workflows.py --check   # exit 1 if a file is missing or out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from comfy_server import find_comfyui
+from workflows import (
+    input_specs,
+    socket_inputs,
+    ui_only_values,
+    use_demo_models,
+    widget_layout,
+    workflow_to_prompt,
+)
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = PACK_ROOT / "example_workflows"
+PACK_PACKAGE = "diffusion_merge"
+PACK_CNR_ID, CORE_CNR_ID = "diffusion-merge", "comfy-core"  # registry ids the editor uses to find missing packs
+
+COLUMN_GAP, ROW_GAP, MARGIN = 80, 50, 40
+NODE_WIDTH, TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, MULTILINE_HEIGHT = 315, 30, 20, 24, 110
+
+
+# -- graph description --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output slot of a node in the graph being built."""
+
+    node_id: int
+    slot: int
+    type: str
+
+
+_DEFAULT = object()
+
+
+@dataclass
+class Node:
+    """A node being built; index it to get an output (``loader["MODEL"]`` or ``loader[0]``)."""
+
+    id: int
+    type: str
+    column: int
+    inputs: dict[str, Any]
+    title: str | None = None
+    size: tuple[int, int] | None = None
+    widgets_values: list[Any] = field(default_factory=list)
+
+    outputs: list[Output] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: int | str) -> Output:
+        """An output by slot index or by name (``loader["CLIP"]``)."""
+        if isinstance(key, str):
+            if key not in self.output_names:
+                raise KeyError(f"{self.type} has no output '{key}' (outputs: {self.output_names})")
+            key = self.output_names.index(key)
+        return self.outputs[key]
+
+
+@dataclass
+class Note:
+    """A sticky-text Note (editor only), placed at the top of its column."""
+
+    id: int
+    text: str
+    size: tuple[int, int]
+    column: int
+
+
+class Graph:
+    """Collects nodes and links, then renders a UI-format workflow."""
+
+    def __init__(self, object_info: dict):
+        self.object_info = object_info
+        self.nodes: list[Node] = []
+        self.notes: list[Note] = []
+
+    def _next_id(self) -> int:
+        return len(self.nodes) + len(self.notes) + 1
+
+    def node(self, type_: str, column: int, *, title: str | None = None, size=None, **inputs: Any) -> Node:
+        """Add a node; keyword arguments are its inputs (widget values or ``Output`` links)."""
+        if type_ not in self.object_info:
+            raise KeyError(f"unknown node type {type_}")
+        info = self.object_info[type_]
+        known = {name for name, _, _ in input_specs(info)}
+        if unknown := set(inputs) - known:
+            raise KeyError(f"{type_} has no input(s) {sorted(unknown)}; inputs: {sorted(known)}")
+        for name, _, optional in socket_inputs(info):
+            if not optional and not isinstance(inputs.get(name), Output):
+                raise ValueError(f"{type_}: required input '{name}' must be linked")
+        node = Node(self._next_id(), type_, column, inputs, title, size)
+        node.widgets_values = self._widget_values(info, inputs)
+        node.output_names = list(info.get("output_name") or info["output"])
+        node.outputs = [Output(node.id, i, kind) for i, kind in enumerate(info["output"])]
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, column: int = 0, size: tuple[int, int] = (380, 300)) -> None:
+        """Add a Note (sticky text) at the top of a column."""
+        self.notes.append(Note(self._next_id(), text, size, column))
+
+    @staticmethod
+    def _widget_values(info: dict, inputs: dict[str, Any]) -> list[Any]:
+        """``widgets_values``: each widget's value (its default when linked or not given), then the
+        UI-only values the editor stores after it."""
+        specs = {name: (kind, opts) for name, kind, opts in input_specs(info)}
+        values: list[Any] = []
+        for name, _ in widget_layout(info):
+            kind, opts = specs[name]
+            value = inputs.get(name, _DEFAULT)
+            values.append(default_value(kind, opts) if value is _DEFAULT or isinstance(value, Output) else value)
+            values += ui_only_values(opts)
+        return values
+
+
+def default_value(kind: str, options: dict) -> Any:
+    """The value the editor gives a fresh widget."""
+    if "default" in options:
+        return options["default"]
+    if kind == "COMBO":
+        choices = options.get("options") or []
+        return choices[0] if choices else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+
+
+# -- rendering ----------------------------------------------------------------------------------------
+
+
+def render(graph: Graph, name: str) -> dict:
+    """The UI-format (schema 0.4) workflow of a graph."""
+    links, ui_nodes = [], {}
+    for node in graph.nodes:
+        ui_nodes[node.id] = _ui_node(graph, node)
+    for node in graph.nodes:
+        for input_name, value in node.inputs.items():
+            if isinstance(value, Output):
+                link_id = len(links) + 1
+                target_slot = _attach_input(ui_nodes[node.id], graph.object_info[node.type], input_name, link_id)
+                links.append([link_id, value.node_id, value.slot, node.id, target_slot, value.type])
+                ui_nodes[value.node_id]["outputs"][value.slot]["links"].append(link_id)
+    for note in graph.notes:
+        ui_nodes[note.id] = _ui_note(note)
+    _layout(graph, ui_nodes)
+    _set_order(ui_nodes, links)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/diffusion-merge/diffusion-merge/{name}")),
+        "revision": 0,
+        "last_node_id": max(ui_nodes),
+        "last_link_id": len(links),
+        "nodes": [ui_nodes[i] for i in sorted(ui_nodes)],
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def _ui_node(graph: Graph, node: Node) -> dict:
+    """A node as the editor saves it, with its links still empty (``render`` fills them in)."""
+    info = graph.object_info[node.type]
+    sockets = socket_inputs(info)
+    inputs = [
+        {"name": name, "type": kind, **({"shape": 7} if optional else {}), "link": None}
+        for name, kind, optional in sockets
+    ]
+    outputs = [
+        {"name": name, "type": out.type, "links": [], "slot_index": out.slot}
+        for name, out in zip(node.output_names, node.outputs, strict=True)
+    ]
+    return {
+        "id": node.id,
+        "type": node.type,
+        "pos": [0, 0],
+        "size": list(node.size or _estimate_size(info, len(sockets), len(outputs), node.widgets_values)),
+        "flags": {},
+        "order": 0,
+        "mode": 0,
+        "inputs": inputs,
+        "outputs": outputs,
+        **({"title": node.title} if node.title else {}),
+        "properties": {"Node name for S&R": node.type, "cnr_id": _cnr_id(node.type)},
+        "widgets_values": node.widgets_values,
+    }
+
+
+def _cnr_id(node_type: str) -> str:
+    return PACK_CNR_ID if node_type.startswith("DM_") else CORE_CNR_ID
+
+
+def _attach_input(ui_node: dict, info: dict, name: str, link_id: int) -> int:
+    """Connect a link to an input slot (a linked widget gets a socket entry of its own); returns the slot."""
+    for slot, entry in enumerate(ui_node["inputs"]):
+        if entry["name"] == name:
+            entry["link"] = link_id
+            return slot
+    kind = next(kind for input_name, kind, _ in input_specs(info) if input_name == name)
+    ui_node["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": link_id})
+    return len(ui_node["inputs"]) - 1
+
+
+def _ui_note(note: Note) -> dict:
+    """A Note in the editor's colours."""
+    return {
+        "id": note.id,
+        "type": "Note",
+        "pos": [0, 0],
+        "size": list(note.size),
+        "flags": {},
+        "order": 0,
+        "mode": 0,
+        "inputs": [],
+        "outputs": [],
+        "title": "Read me",
+        "properties": {},
+        "widgets_values": [note.text],
+        "color": "#432",
+        "bgcolor": "#653",
+    }
+
+
+def _estimate_size(info: dict, n_inputs: int, n_outputs: int, widgets_values: list) -> tuple[int, int]:
+    """Roughly the size the editor computes: slot rows, then one row per widget (text boxes are taller)."""
+    multiline = sum(1 for _, kind, opts in input_specs(info) if kind == "STRING" and opts.get("multiline"))
+    widgets = len(widgets_values) - multiline
+    height = SLOT_HEIGHT * max(n_inputs, n_outputs, 1) + WIDGET_HEIGHT * widgets + MULTILINE_HEIGHT * multiline
+    return NODE_WIDTH if widgets_values else 240, height + 14
+
+
+def _layout(graph: Graph, ui_nodes: dict[int, dict]) -> None:
+    """Left-to-right columns as wide as their widest node; nodes stacked top to bottom in the order they
+    were added (notes first)."""
+    columns: dict[int, list[int]] = {}
+    for note in graph.notes:
+        columns.setdefault(note.column, []).append(note.id)
+    for node in graph.nodes:
+        columns.setdefault(node.column, []).append(node.id)
+    x = MARGIN
+    for column in sorted(columns):
+        y = MARGIN + TITLE_HEIGHT
+        for node_id in columns[column]:
+            ui_nodes[node_id]["pos"] = [x, y]
+            y += ui_nodes[node_id]["size"][1] + TITLE_HEIGHT + ROW_GAP
+        x += max(ui_nodes[node_id]["size"][0] for node_id in columns[column]) + COLUMN_GAP
+
+
+def _set_order(ui_nodes: dict[int, dict], links: list[list]) -> None:
+    """Execution order as the editor stores it: a topological order (notes, having no links, come first)."""
+    parents: dict[int, set[int]] = {node_id: set() for node_id in ui_nodes}
+    for _, source, _, target, _, _ in links:
+        parents[target].add(source)
+    done: list[int] = []
+    while len(done) < len(ui_nodes):
+        ready = [i for i in sorted(ui_nodes) if i not in done and parents[i] <= set(done)]
+        if not ready:
+            raise ValueError("the graph has a cycle")
+        done += ready
+    for order, node_id in enumerate(done):
+        ui_nodes[node_id]["order"] = order
+
+
+# -- the workflows ------------------------------------------------------------------------------------
+
+TASK_VECTOR_NOTE = """\
+Task vectors: τ = fine-tuned − base, the weight change a fine-tune made.
+
+1. Put a base checkpoint and a fine-tune OF THAT BASE into models/checkpoints. This example names \
+v1-5-pruned-emaonly.safetensors (SD 1.5) and dreamshaper_8.safetensors (a fine-tune of it); pick your own pair \
+in the two loaders.
+
+2. "Task Vector from Models" computes τ lazily; "Task Vector Info" shows its size, norm and which blocks changed \
+most. Connect clip_finetuned and clip_base to include the text encoder's change too.
+
+3. "Scale Task Vector" (0.5) and "Save Task Vector" write half of the fine-tune's change to output/task_vectors/ \
+(fp16). Load it later with "Load Task Vector", or copy it to models/loras and use the stock LoraLoaderModelOnly.
+
+4. "Apply Task Vector" adds strength · τ to the base: 0 = the base, 1 = the fine-tune, 0.5 = halfway, above 1 \
+exaggerates it, below 0 moves away from it. Change strength and queue again (the seed is fixed).
+
+No checkpoints at hand? Replace both loaders with "Load Demo Checkpoint (tiny, built in)" (variants base and \
+finetune-a) and make the latent 64×64: the demo (bash scripts/demo.sh) and the tests do exactly that. The tiny \
+model runs in seconds on a CPU; its images are noise, not art.
+"""
+
+
+def task_vectors(g: Graph) -> None:
+    """Extract τ from a fine-tune, inspect it, save half of it, and sample the base + 0.5 τ."""
+    g.note(TASK_VECTOR_NOTE, column=0, size=(400, 520))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    tuned = g.node("CheckpointLoaderSimple", 0, title="Fine-tuned model", ckpt_name="dreamshaper_8.safetensors")
+    tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
+    g.node("DM_TaskVectorInfo", 2, size=(360, 260), task_vector=tau[0])
+    half = g.node("DM_TaskVectorScale", 2, task_vector=tau[0], factor=0.5)
+    g.node("DM_TaskVectorSave", 3, task_vector=half[0], filename_prefix="task_vectors/dreamshaper_half", dtype="fp16")
+    applied = g.node("DM_TaskVectorApply", 3, model=base["MODEL"], task_vector=tau[0], strength=0.5, clip=base["CLIP"])
+    positive = g.node(
+        "CLIPTextEncode",
+        4,
+        title="Positive prompt",
+        size=(400, 160),
+        clip=applied["CLIP"],
+        text="a cozy wooden cabin in a snowy forest at dusk, warm window light, detailed, soft colours",
+    )
+    negative = g.node(
+        "CLIPTextEncode",
+        4,
+        title="Negative prompt",
+        size=(400, 160),
+        clip=applied["CLIP"],
+        text="blurry, low quality, watermark, text",
+    )
+    latent = g.node("EmptyLatentImage", 4, width=512, height=512, batch_size=1)
+    sampled = g.node(
+        "KSampler",
+        5,
+        model=applied["MODEL"],
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=42,
+        steps=20,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    image = g.node("VAEDecode", 6, samples=sampled[0], vae=base["VAE"])
+    g.node("SaveImage", 6, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/task_vector")
+
+
+WORKFLOWS: dict[str, Callable[[Graph], None]] = {
+    "task_vectors": task_vectors,
+}
+
+
+# -- ComfyUI in process -------------------------------------------------------------------------------
+
+
+def load_object_info(comfyui: Path, work: Path) -> tuple[dict, Any]:
+    """Boot ComfyUI's node registry in process (core, extras and this pack) with every folder it writes
+    redirected into ``work``; returns (``/object_info`` for all nodes, ComfyUI's ``execution`` module)."""
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, str(comfyui))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import folder_paths
+    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
+
+    for name in ("output", "input", "temp", "user"):
+        (work / name).mkdir()
+        getattr(folder_paths, f"set_{name}_directory")(str(work / name))
+    import execution
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _register_pack(nodes)
+    info = {}
+    for node_type in nodes.NODE_CLASS_MAPPINGS:
+        try:
+            info[node_type] = _node_info(nodes, node_type)
+        except Exception as error:  # one broken node definition should not stop the build
+            print(f"warning: no object_info for {node_type}: {error}", file=sys.stderr)
+    return json.loads(json.dumps(info)), execution
+
+
+def _register_pack(nodes_module) -> None:
+    """Import the pack as ``diffusion_merge`` and register its V3 nodes as ComfyUI's loader does."""
+    spec = importlib.util.spec_from_file_location(
+        PACK_PACKAGE, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_PACKAGE] = pack
+    spec.loader.exec_module(pack)
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for node_cls in asyncio.run(extension.get_node_list()):
+        schema = node_cls.GET_SCHEMA()
+        nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls
+        nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
+
+
+def _node_info(nodes_module, node_type: str) -> dict:
+    """What ``/object_info`` says about one node: V3 classes describe themselves; for V1 classes only the
+    fields the workflow builder reads are filled in."""
+    cls = nodes_module.NODE_CLASS_MAPPINGS[node_type]
+    if hasattr(cls, "GET_NODE_INFO_V1"):
+        return cls.GET_NODE_INFO_V1()
+    input_types = cls.INPUT_TYPES()
+    return {
+        "input": input_types,
+        "input_order": {section: list(entries) for section, entries in input_types.items()},
+        "output": list(cls.RETURN_TYPES),
+        "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
+        "name": node_type,
+        "display_name": nodes_module.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type),
+        "category": getattr(cls, "CATEGORY", "sd"),
+        "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
+    }
+
+
+def validate_with_demo_models(execution, workflow: dict, object_info: dict) -> None:
+    """Convert with the demo models swapped in and let ComfyUI validate the prompt (raises if invalid)."""
+    prompt = use_demo_models(workflow_to_prompt(workflow, object_info))
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("build", prompt, None))
+    if not ok:
+        raise ValueError(f"ComfyUI rejects the demo prompt: {error} {json.dumps(node_errors)[:2000]}")
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def serialize(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def build_all(object_info: dict, execution) -> dict[str, str]:
+    """{file name: JSON text} of every workflow in ``WORKFLOWS``."""
+    files = {}
+    for name, describe in WORKFLOWS.items():
+        graph = Graph(object_info)
+        describe(graph)
+        workflow = render(graph, name)
+        validate_with_demo_models(execution, workflow, object_info)
+        files[f"{name}.json"] = serialize(workflow)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report files that are missing or out of date")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (default: example_workflows/)")
+    options = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    comfyui, _ = find_comfyui(PACK_ROOT)
+    work = Path(tempfile.mkdtemp(prefix="dm-build-"))
+    try:
+        object_info, execution = load_object_info(comfyui, work)
+        files = build_all(object_info, execution)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    stale = [name for name, text in files.items() if _read(options.out / name) != text]
+    if options.check:
+        for name in stale:
+            print(f"out of date: {options.out / name} (run scripts/build_workflows.py)")
+        return 1 if stale else 0
+    options.out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (options.out / name).write_text(text, encoding="utf-8")
+        print(f"{'wrote' if name in stale else 'unchanged'}: {options.out / name}")
+    return 0
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Run every shipped example workflow through a real ComfyUI server, with the tiny built-in demo models.
+
+Starts ComfyUI on the CPU with this pack loaded (all its folders under ``demo_out/``), checks that every
+node of the pack is registered, converts each ``example_workflows/*.json`` to an API prompt, swaps the
+real checkpoints for ``DM_DemoCheckpointLoader``, runs it, and writes ``demo_out/summary.json``. Exits 1
+if a node is missing or a workflow fails. ``--serve`` keeps the server (and its UI) running afterwards.
+Normally started through ``bash scripts/demo.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from comfy_server import ComfyServer, ServerError, execution_error, find_comfyui, is_installed_in, port_is_free
+from workflows import WorkflowError, use_demo_models, workflow_to_prompt
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+SERVE_PORT = 8188
+
+
+@dataclass
+class Result:
+    """What happened to one example workflow."""
+
+    name: str
+    status: str = "not run"  # success | error (ran and failed) | rejected (by the server) | invalid (conversion)
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)  # files it wrote, relative to the output folder
+    texts: dict[str, list[str]] = field(default_factory=dict)  # text a node showed, by node title
+    error: str = ""
+
+
+def pack_node_ids() -> list[str]:
+    """The node ids the pack declares (``node_id="DM_…"`` in ``nodes/``), read without importing it."""
+    pattern = re.compile(r"""node_id\s*=\s*["'](DM_\w+)["']""")
+    return sorted({m for path in (PACK_ROOT / "nodes").rglob("*.py") for m in pattern.findall(path.read_text())})
+
+
+def output_files(output_dir: Path) -> set[str]:
+    return {p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()}
+
+
+def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: float) -> Result:
+    """Convert, queue and wait for one workflow file; never raises for a failing workflow."""
+    result = Result(path.stem)
+    try:
+        workflow = json.loads(path.read_text(encoding="utf-8"))
+        prompt = use_demo_models(workflow_to_prompt(workflow, object_info))
+    except (WorkflowError, ValueError) as error:
+        result.status, result.error = "invalid", f"{type(error).__name__}: {error}"
+        return result
+    before = output_files(server.output_dir)
+    start = time.monotonic()
+    try:
+        entry = server.wait(server.post_prompt(prompt), timeout=timeout)
+    except ServerError as error:
+        result.status, result.error = "rejected", str(error)
+        return result
+    finally:
+        result.seconds = round(time.monotonic() - start, 2)
+    result.outputs = sorted(output_files(server.output_dir) - before)
+    shown = entry.get("outputs", {})
+    result.texts = {prompt[node_id]["_meta"]["title"]: ui["text"] for node_id, ui in shown.items() if "text" in ui}
+    failure = execution_error(entry)
+    result.status = "error" if failure or entry["status"]["status_str"] != "success" else "success"
+    if failure:
+        result.error = f"{failure.get('node_type')} (node {failure.get('node_id')}): {failure.get('exception_message')}"
+    return result
+
+
+def print_summary(results: list[Result], missing: list[str], summary_path: Path) -> None:
+    print()
+    if missing:
+        print(f"MISSING NODES (not in /object_info): {', '.join(missing)}")
+    for result in results:
+        mark = "ok  " if result.status == "success" else "FAIL"
+        print(f"{mark} {result.name}: {result.status} in {result.seconds:.1f} s")
+        for output in result.outputs:
+            print(f"       output/{output}")
+        for title, texts in result.texts.items():
+            first_line = (texts[0].splitlines() or [""])[0] if texts else ""
+            print(f"       {title}: {first_line}")
+        if result.error:
+            print("       " + result.error.strip().replace("\n", "\n       "))
+    passed = sum(r.status == "success" for r in results)
+    print(f"\n{passed}/{len(results)} workflows succeeded; summary: {summary_path}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=PACK_ROOT / "demo_out", help="work folder (default demo_out/)")
+    parser.add_argument("--comfyui", type=Path, help="ComfyUI checkout (default: $COMFYUI_PATH or found nearby)")
+    parser.add_argument("--port", type=int, help=f"server port (default: a free one; {SERVE_PORT} with --serve)")
+    parser.add_argument("--serve", action="store_true", help="keep ComfyUI running afterwards (Ctrl+C stops it)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per workflow")
+    parser.add_argument("workflows", nargs="*", type=Path, help="workflow files (default example_workflows/*.json)")
+    return parser.parse_args(argv)
+
+
+def start_server(options: argparse.Namespace) -> ComfyServer:
+    if options.comfyui:
+        comfyui, installed = options.comfyui.resolve(), is_installed_in(options.comfyui)
+    else:
+        comfyui, installed = find_comfyui(PACK_ROOT)
+    port = options.port or (SERVE_PORT if options.serve else None)
+    if port and not port_is_free(port):
+        raise ServerError(f"port {port} is in use (another ComfyUI?); pick another with --port")
+    server = ComfyServer(comfyui, options.out.resolve(), pack_installed=installed, port=port)
+    print(f"starting ComfyUI from {comfyui} on {server.url} (log: {server.log_path})")
+    if options.serve:
+        skip_welcome_dialog(server.work / "user")
+    server.start()
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def skip_welcome_dialog(user_dir: Path) -> None:
+    """Mark the editor's first-run tutorial as done in the demo's own user folder."""
+    settings = user_dir / "default" / "comfy.settings.json"
+    if not settings.exists():
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}) + "\n")
+
+
+def run(options: argparse.Namespace, server: ComfyServer) -> int:
+    object_info = server.get("/object_info")
+    missing = [node_id for node_id in pack_node_ids() if node_id not in object_info]
+    if missing:
+        print(server.log_tail(60))
+    paths = options.workflows or sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+    results = []
+    for path in paths:
+        print(f"running {path.name} …", flush=True)
+        results.append(run_workflow(server, path, object_info, options.timeout))
+    ok = not missing and bool(results) and all(r.status == "success" for r in results)
+    summary = {
+        "ok": ok,
+        "server": server.url,
+        "comfyui": str(server.comfyui),
+        "pack_nodes": sorted(n for n in object_info if n.startswith("DM_")),
+        "missing_nodes": missing,
+        "workflows": [asdict(r) for r in results],
+    }
+    summary_path = options.out / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print_summary(results, missing, summary_path)
+    return 0 if ok else 1
+
+
+def serve(server: ComfyServer) -> None:
+    print(f"\nComfyUI is running with the pack loaded: open {server.url} in a browser.")
+    print("Load an example from the Workflow menu → Browse Templates → diffusion-merge (swap the checkpoint")
+    print('loaders for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        print("\nstopping ComfyUI")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    options.out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally` (stop ComfyUI) on kill too
+    try:
+        server = start_server(options)
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        code = run(options, server)
+        if options.serve:
+            serve(server)
+        return code
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

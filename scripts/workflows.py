@@ -1,0 +1,215 @@
+"""ComfyUI workflow helpers without ComfyUI: UI format → API prompt format, and demo-model substitution.
+
+The editor saves *UI-format* workflows (``nodes``, ``links``, positional ``widgets_values``); the server runs
+*API-format* prompts (``{node_id: {"class_type", "inputs"}}``). The editor converts in JavaScript; this
+module does the same offline from ``/object_info`` data, which tells which inputs are widgets and in which
+order their values are stored. Used by ``run_examples.py``, ``build_workflows.py`` and the e2e tests; it
+imports nothing outside the standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import PurePath
+from typing import Any
+
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+# Editor-only node types that never reach the server (a PrimitiveNode's value is stored in its target widget).
+UI_ONLY_TYPES = frozenset({"Note", "MarkdownNote", "PrimitiveNode"})
+# Values of the extra widgets an upload button adds, stored after the widget's own value (as the editor
+# saves LoadImage, LoadVideo and LoadAudio).
+UPLOAD_EXTRA_VALUES: dict[str, list[Any]] = {
+    "image_upload": ["image"],
+    "video_upload": ["image"],
+    "audio_upload": [None, None],
+}
+MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
+
+DEMO_LOADER = "DM_DemoCheckpointLoader"
+DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b")
+DEMO_LATENT_SIZE = 64
+
+
+class WorkflowError(ValueError):
+    """A UI workflow that cannot be converted (unknown node type, widget count mismatch, …)."""
+
+
+# -- which inputs are widgets -------------------------------------------------------------------------
+
+
+def input_specs(info: dict) -> Iterator[tuple[str, str, dict]]:
+    """(name, type, options) of a node's required then optional inputs, in the editor's order."""
+    order = info.get("input_order") or {section: list(info["input"].get(section, {})) for section in info["input"]}
+    for section in ("required", "optional"):
+        declared = info["input"].get(section, {})
+        for name in order.get(section, []):
+            spec = declared[name]
+            kind = "COMBO" if isinstance(spec[0], list) else spec[0]  # V1 combos are a list of choices
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            yield name, kind, options
+
+
+def is_widget(kind: str, options: dict) -> bool:
+    """Whether the editor shows an input as a widget (a value stored in ``widgets_values``)."""
+    return kind in WIDGET_TYPES and not options.get("forceInput", False)
+
+
+def ui_only_values(options: dict) -> list[Any]:
+    """The UI-only values the editor stores after a widget's own value, as a fresh node has them:
+    the "control after generate" choice (we default to "fixed", not the editor's "randomize", so
+    examples are reproducible) and the values of the extra widgets an upload button adds."""
+    values: list[Any] = ["fixed"] if options.get("control_after_generate") else []
+    for key, extra in UPLOAD_EXTRA_VALUES.items():
+        if options.get(key):
+            values += extra
+    return values
+
+
+def extra_value_count(options: dict) -> int:
+    """How many UI-only values the editor stores after this widget's own value."""
+    return len(ui_only_values(options))
+
+
+def widget_layout(info: dict) -> list[tuple[str, int]]:
+    """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order."""
+    return [(name, extra_value_count(opts)) for name, kind, opts in input_specs(info) if is_widget(kind, opts)]
+
+
+def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
+    """[(name, type, optional)] of the inputs that are sockets (links) rather than widgets."""
+    optional = set(info["input"].get("optional", {}))
+    return [(name, kind, name in optional) for name, kind, opts in input_specs(info) if not is_widget(kind, opts)]
+
+
+# -- UI format → API format ---------------------------------------------------------------------------
+
+
+def workflow_to_prompt(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow (schema 0.4) into the API prompt ``/prompt`` executes.
+
+    As the editor does: notes and primitive nodes are dropped (a primitive's value is already stored in
+    the widget it feeds), muted nodes are dropped with the inputs they fed, and links through Reroute
+    and bypassed nodes are followed to their source. Links become ``[source id, output slot]``; widget
+    values are read positionally (``widget_layout``), and a widget input that is linked takes the link.
+    Raises ``WorkflowError`` for node types missing from ``object_info``, widget-count mismatches and
+    subgraphs.
+    """
+    if "nodes" not in workflow or "links" not in workflow:
+        raise WorkflowError("not a UI-format workflow (no 'nodes'/'links'); API-format prompts need no conversion")
+    if (workflow.get("definitions") or {}).get("subgraphs"):
+        raise WorkflowError("workflows with subgraphs are not supported; unpack the subgraphs in the editor first")
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    sources = _link_sources(workflow["links"], by_id)
+    return {
+        str(node["id"]): _node_to_api(node, object_info, sources) for node in workflow["nodes"] if _role(node) == "run"
+    }
+
+
+def _role(node: dict) -> str:
+    """``run`` (sent to the server), ``pass`` (links go through it) or ``drop``."""
+    if node["type"] in UI_ONLY_TYPES or node.get("mode", MODE_ALWAYS) == MODE_NEVER:
+        return "drop"
+    if node["type"] == "Reroute" or node.get("mode", MODE_ALWAYS) == MODE_BYPASS:
+        return "pass"
+    return "run"
+
+
+def _link_sources(links: list, by_id: dict[int, dict]) -> dict[int, tuple[int, int]]:
+    """{link id: (source node id, output slot)} for links whose real source runs."""
+    raw = {link[0]: (link[1], link[2]) for link in links if link}
+    sources = {}
+    for link_id in raw:
+        node_id, slot, seen = *raw[link_id], set()
+        while node_id in by_id and _role(by_id[node_id]) == "pass" and node_id not in seen:
+            seen.add(node_id)
+            upstream = _pass_through_link(by_id[node_id], slot)
+            if upstream not in raw:
+                break
+            node_id, slot = raw[upstream]
+        if node_id in by_id and _role(by_id[node_id]) == "run":
+            sources[link_id] = (node_id, slot)
+    return sources
+
+
+def _pass_through_link(node: dict, slot: int) -> int | None:
+    """The input link a Reroute or bypassed node forwards to output ``slot``: the input in the same
+    slot when its type matches, else the first input of the output's type (the editor's rule)."""
+    inputs = node.get("inputs") or []
+    if node["type"] == "Reroute":
+        return inputs[0].get("link") if inputs else None
+    outputs = node.get("outputs") or []
+    kind = outputs[slot]["type"] if slot < len(outputs) else None
+    if slot < len(inputs) and inputs[slot].get("type") == kind:
+        return inputs[slot].get("link")
+    return next((entry.get("link") for entry in inputs if entry.get("type") == kind), None)
+
+
+def _node_to_api(node: dict, object_info: dict, sources: dict[int, tuple[int, int]]) -> dict:
+    label = f"node {node['id']} ({node['type']})"
+    if node["type"] not in object_info:
+        raise WorkflowError(f"{label}: unknown node type; is the pack that provides it installed and loaded?")
+    info = object_info[node["type"]]
+    inputs = _widget_inputs(node, info, label)
+    for slot in node.get("inputs") or []:
+        if slot.get("link") in sources:
+            source, output = sources[slot["link"]]
+            inputs[slot["name"]] = [str(source), output]
+    return {
+        "class_type": node["type"],
+        "inputs": inputs,
+        "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]},
+    }
+
+
+def _widget_inputs(node: dict, info: dict, label: str) -> dict[str, Any]:
+    layout = widget_layout(info)
+    values = node.get("widgets_values") or []
+    if not isinstance(values, list):
+        raise WorkflowError(f"{label}: widgets_values is a {type(values).__name__}, expected a list")
+    expected = sum(1 + extra for _, extra in layout)
+    if len(values) != expected:
+        names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layout) or "none"
+        raise WorkflowError(
+            f"{label}: {len(values)} widget values, expected {expected} for widgets: {names}. "
+            "Was the workflow saved with another version of this node?"
+        )
+    inputs, position = {}, 0
+    for name, extra in layout:
+        inputs[name] = values[position]
+        position += 1 + extra
+    return inputs
+
+
+# -- built-in demo models -----------------------------------------------------------------------------
+
+
+def is_base_checkpoint(name: str) -> bool:
+    """Whether a checkpoint name looks like a base model (SD1.5 or SDXL base), not a fine-tune."""
+    stem = PurePath(str(name).replace("\\", "/")).name.lower()
+    return stem.startswith("v1-5-pruned") or "sd_xl_base" in stem
+
+
+def use_demo_models(prompt: dict) -> dict:
+    """A copy of an API prompt that runs anywhere in seconds on a CPU.
+
+    Every ``CheckpointLoaderSimple`` becomes the pack's tiny built-in ``DM_DemoCheckpointLoader``
+    (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
+    else ``finetune-a`` then ``finetune-b`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64.
+    """
+    demo = copy.deepcopy(prompt)
+    finetunes = iter(DEMO_FINETUNE_VARIANTS)
+    for node_id, node in demo.items():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            name = node["inputs"].get("ckpt_name", "")
+            variant = "base" if is_base_checkpoint(name) else next(finetunes, None)
+            if variant is None:
+                raise WorkflowError(f"node {node_id}: the demo has only two fine-tunes; '{name}' is a third one")
+            node["class_type"] = DEMO_LOADER
+            node["inputs"] = {"variant": variant, "seed": 0}
+            node["_meta"] = {"title": f"{node.get('_meta', {}).get('title', 'Checkpoint')} (demo: {variant})"}
+        elif node["class_type"] == "EmptyLatentImage":
+            for side in ("width", "height"):
+                if not isinstance(node["inputs"].get(side), list):  # a linked size stays linked
+                    node["inputs"][side] = DEMO_LATENT_SIZE
+    return demo

@@ -1,0 +1,101 @@
+"""``scripts/workflows.py`` on small hand-made workflows (no server): the editor's UI → API rules."""
+
+from __future__ import annotations
+
+import pytest
+
+OBJECT_INFO = {
+    "Loader": {
+        "input": {"required": {"ckpt_name": [["a.safetensors", "b.safetensors"], {}]}},
+        "output": ["MODEL", "CLIP"],
+    },
+    "Sampler": {
+        "input": {
+            "required": {
+                "model": ["MODEL", {}],
+                "seed": ["INT", {"default": 0, "control_after_generate": True}],
+                "steps": ["INT", {"default": 20}],
+                "name": ["COMBO", {"options": ["euler", "heun"]}],
+            },
+            "optional": {"scale": ["FLOAT", {"default": 1.0}], "extra": ["INT", {"forceInput": True}]},
+        },
+        "input_order": {"required": ["model", "seed", "steps", "name"], "optional": ["scale", "extra"]},
+        "output": ["LATENT"],
+    },
+    "Patch": {"input": {"required": {"model": ["MODEL", {}]}}, "output": ["MODEL"]},
+    "Counter": {"input": {"required": {}}, "output": ["INT"]},
+}
+
+
+def node(node_id, type_, widgets=(), inputs=(), outputs=(), mode=0):
+    return {
+        "id": node_id,
+        "type": type_,
+        "mode": mode,
+        "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+        "outputs": [{"name": t, "type": t, "links": []} for t in outputs],
+        "widgets_values": list(widgets),
+    }
+
+
+def sampler(node_id=3, model_link=1, steps_link=None):
+    inputs = [("model", "MODEL", model_link), ("steps", "INT", steps_link)]
+    return node(node_id, "Sampler", [7, "randomize", 30, "heun", 0.5], inputs, ["LATENT"])
+
+
+def workflow(*nodes, links=()):
+    return {"nodes": list(nodes), "links": [list(link) for link in links], "version": 0.4}
+
+
+def test_widgets_by_position_links_by_source_and_notes_dropped(workflows):
+    graph = workflow(
+        node(1, "Loader", ["b.safetensors"], outputs=["MODEL", "CLIP"]),
+        node(2, "Note", ["read me"]),
+        node(4, "Counter", outputs=["INT"]),
+        sampler(steps_link=2),
+        links=[(1, 1, 0, 3, 0, "MODEL"), (2, 4, 0, 3, 1, "INT")],
+    )
+    prompt = workflows.workflow_to_prompt(graph, OBJECT_INFO)
+    assert set(prompt) == {"1", "3", "4"}
+    assert prompt["1"]["inputs"] == {"ckpt_name": "b.safetensors"}
+    # seed's "randomize" is skipped; the linked steps widget takes the link; forceInput is no widget
+    assert prompt["3"]["inputs"] == {"model": ["1", 0], "seed": 7, "steps": ["4", 0], "name": "heun", "scale": 0.5}
+
+
+def test_reroute_and_bypassed_nodes_pass_links_through(workflows):
+    graph = workflow(
+        node(1, "Loader", ["a.safetensors"], outputs=["MODEL", "CLIP"]),
+        node(5, "Reroute", [], [("", "*", 1)], ["MODEL"]),
+        node(6, "Patch", [], [("model", "MODEL", 2)], ["MODEL"], mode=4),
+        sampler(model_link=3),
+        links=[(1, 1, 0, 5, 0, "MODEL"), (2, 5, 0, 6, 0, "MODEL"), (3, 6, 0, 3, 0, "MODEL")],
+    )
+    prompt = workflows.workflow_to_prompt(graph, OBJECT_INFO)
+    assert set(prompt) == {"1", "3"}
+    assert prompt["3"]["inputs"]["model"] == ["1", 0]
+
+
+def test_unknown_node_type_and_widget_count_mismatch_are_named(workflows):
+    with pytest.raises(workflows.WorkflowError, match=r"node 9 \(Mystery\): unknown node type"):
+        workflows.workflow_to_prompt(workflow(node(9, "Mystery")), OBJECT_INFO)
+    broken = sampler()
+    broken["widgets_values"] = [7, 30, "heun", 0.5]  # the seed's UI value is missing
+    with pytest.raises(workflows.WorkflowError, match=r"node 3 \(Sampler\): 4 widget values, expected 5"):
+        workflows.workflow_to_prompt(workflow(broken), OBJECT_INFO)
+
+
+def test_use_demo_models_swaps_loaders_and_shrinks_latents(workflows):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "dreamshaper_8.safetensors"}},
+        "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "SD15/v1-5-pruned-emaonly.safetensors"}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "other.safetensors"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": ["9", 0], "batch_size": 2}},
+    }
+    demo = workflows.use_demo_models(prompt)
+    assert [demo[i]["inputs"]["variant"] for i in "123"] == ["finetune-a", "base", "finetune-b"]
+    assert {demo[i]["class_type"] for i in "123"} == {"DM_DemoCheckpointLoader"}
+    assert demo["4"]["inputs"] == {"width": 64, "height": ["9", 0], "batch_size": 2}
+    assert prompt["1"]["class_type"] == "CheckpointLoaderSimple"  # the input is not modified
+    prompt["5"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "third.safetensors"}}
+    with pytest.raises(workflows.WorkflowError, match="third"):
+        workflows.use_demo_models(prompt)
