@@ -56,6 +56,37 @@ sys.dont_write_bytecode = True
 import_pack()
 
 
+# -- the ComfyUI checkout stays pristine ------------------------------------------------------------
+
+
+def _comfyui_tree_state() -> dict[str, float]:
+    """Path → mtime of everything in the ComfyUI checkout except the pack's own folder."""
+    state = {}
+    for folder, dirs, files in os.walk(COMFYUI_PATH):
+        dirs[:] = [d for d in dirs if Path(folder, d).resolve() != PACK_ROOT]
+        for name in files + dirs:
+            path = os.path.join(folder, name)
+            state[path] = os.lstat(path).st_mtime
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_TREE_KEY] = _comfyui_tree_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    changed = {
+        path for path, mtime in _comfyui_tree_state().items() if session.config.stash[_TREE_KEY].get(path) != mtime
+    }
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        listed = ", ".join(sorted(changed)[:5])
+        print(f"\nFAILED: the tests wrote into the ComfyUI checkout at {COMFYUI_PATH}: {listed}")
+
+
+_TREE_KEY = pytest.StashKey[dict]()
+
+
 # -- ComfyUI in process (integration) --------------------------------------------------------------
 
 
