@@ -6,10 +6,12 @@ Nothing here imports ComfyUI. With the pack's root on ``sys.path``::
     tau = merging.task_vector(finetuned_sd, base_sd)           # dict of fp32 deltas
     lazy = merging.task_vector_from_files("ft.safetensors", "base.safetensors")
     merging.save_task_vector(lazy.scale(0.8), "tau.safetensors", dtype="fp16")
+    merged = merging.merge_task_vectors([tau_a, tau_b], "ties", k=0.2)   # see README "Merging"
 """
 
 from .io import SafetensorsFile, write_safetensors
 from .lora import lora_delta, lora_deltas
+from .merge import MergeCancelled, iter_merged, merge_task_vectors
 from .task_vector_files import (
     load_task_vector,
     open_diffusion_model,
@@ -32,15 +34,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ComputedDeltas",
     "Difference",
+    "MergeCancelled",
     "SafetensorsFile",
     "StoredDeltas",
     "TaskVector",
     "__version__",
     "apply_task_vector",
     "extract_task_vector",
+    "iter_merged",
     "load_task_vector",
     "lora_delta",
     "lora_deltas",
+    "merge_task_vectors",
     "open_diffusion_model",
     "save_task_vector",
     "summarize",

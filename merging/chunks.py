@@ -1,0 +1,229 @@
+"""Where merge work happens: task-vector sources, key plans, chunks of stacked deltas and scratch memory.
+
+Every merge method runs on *chunks*: a few consecutive keys whose deltas are stacked into one fp32 tensor
+of shape (N tasks, entries of those keys). Small keys share a chunk, so one kernel does the work of many
+(GPU launch overhead dominates per-key code on models with thousands of small tensors); a key larger than
+the chunk size gets a chunk of its own. Only one chunk is resident at a time, so memory stays bounded by
+the chunk size and the largest key, never by the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .io import shape_of
+from .task_vectors import TaskVector
+
+logger = logging.getLogger(__name__)
+
+CHUNK_NUMEL = 1 << 24
+"""Entries per task row of a chunk (64 MiB of fp32); keys larger than this get a chunk of their own."""
+
+_CAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DeltaSource(Protocol):
+    """What the merge needs from one task vector: its keys, their shapes, and one key's delta on demand."""
+
+    def keys(self) -> Sequence[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def fetch(self, key: str, device: torch.device) -> torch.Tensor | None:
+        """The key's delta on ``device`` in any float dtype (never mutated), or None if the key is absent."""
+
+
+class MappingSource:
+    """A key→tensor mapping (a dict, or a lazy file mapping that can tell shapes without reading)."""
+
+    def __init__(self, mapping: Mapping[str, torch.Tensor]):
+        self.mapping = mapping
+
+    def keys(self) -> Sequence[str]:
+        return list(self.mapping.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(shape_of(self.mapping, key))
+
+    def fetch(self, key: str, device: torch.device) -> torch.Tensor | None:
+        if key not in self.mapping:
+            return None
+        tensor = self.mapping[key]
+        if tensor.dtype in _CAT_DTYPES:
+            return tensor.to(device)
+        return tensor.to(device=device, dtype=torch.float32)
+
+
+class TaskVectorSource:
+    """A lazy :class:`TaskVector`: each key's delta is computed when its chunk is gathered."""
+
+    def __init__(self, vector: TaskVector):
+        self.vector = vector
+
+    def keys(self) -> Sequence[str]:
+        return self.vector.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.vector.shape(key)
+
+    def fetch(self, key: str, device: torch.device) -> torch.Tensor | None:
+        return self.vector.delta(key, device) if key in self.vector else None
+
+
+def as_sources(task_vectors: Sequence[Mapping[str, torch.Tensor] | TaskVector]) -> list[DeltaSource]:
+    """Wrap each task vector; warn when TaskVectors say they were extracted from different base models."""
+    if isinstance(task_vectors, (Mapping, TaskVector)) or not isinstance(task_vectors, Sequence):
+        raise ValueError("task_vectors must be a sequence (list or tuple) of key→tensor mappings or TaskVectors")
+    if not task_vectors:
+        raise ValueError("no task vectors to merge: pass at least one")
+    sources: list[DeltaSource] = []
+    for index, vector in enumerate(task_vectors, start=1):
+        if isinstance(vector, TaskVector):
+            sources.append(TaskVectorSource(vector))
+        elif isinstance(vector, Mapping):
+            sources.append(MappingSource(vector))
+        else:
+            raise ValueError(
+                f"task vector {index} is a {type(vector).__name__}; expected a key→tensor mapping or a TaskVector"
+            )
+    fingerprints = {v.base_fingerprint for v in task_vectors if isinstance(v, TaskVector) and v.base_fingerprint}
+    if len(fingerprints) > 1:
+        logger.warning(
+            "merging task vectors extracted from different base models (fingerprints %s); "
+            "the merge is only meaningful on a shared base",
+            ", ".join(sorted(fingerprints)),
+        )
+    return sources
+
+
+def union_shapes(sources: Sequence[DeltaSource]) -> dict[str, tuple[int, ...]]:
+    """Every key of any task vector with its shape, in first-seen order; a key absent from a task is zero."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    first: dict[str, int] = {}
+    for index, source in enumerate(sources, start=1):
+        for key in source.keys():
+            shape = tuple(source.shape(key))
+            if key not in shapes:
+                shapes[key], first[key] = shape, index
+            elif shapes[key] != shape:
+                raise ValueError(
+                    f"task vector {index}: key '{key}' is {shape} but task vector {first[key]} has "
+                    f"{shapes[key]} — were both extracted from the same architecture?"
+                )
+    if not shapes:
+        raise ValueError("the task vectors hold no keys")
+    return shapes
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One key's place in a chunk: entries [offset, offset + numel) of every task row."""
+
+    key: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def span(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Consecutive keys stacked together; see the module docstring."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def numel(self) -> int:
+        last = self.segments[-1]
+        return last.offset + last.numel
+
+    @staticmethod
+    def of(segment: Segment) -> Chunk:
+        """A chunk holding just this key, rebased to offset 0 (for per-key stages)."""
+        return Chunk((Segment(segment.key, 0, segment.shape),))
+
+
+def plan_chunks(shapes: Mapping[str, tuple[int, ...]], keys: Sequence[str], limit: int = CHUNK_NUMEL) -> list[Chunk]:
+    """Group ``keys`` (in order) into chunks of at most ``limit`` entries; a larger key stands alone."""
+    chunks: list[Chunk] = []
+    current: list[Segment] = []
+    offset = 0
+    for key in keys:
+        numel = math.prod(shapes[key])
+        if current and offset + numel > limit:
+            chunks.append(Chunk(tuple(current)))
+            current, offset = [], 0
+        current.append(Segment(key, offset, shapes[key]))
+        offset += numel
+    if current:
+        chunks.append(Chunk(tuple(current)))
+    return chunks
+
+
+class Scratch:
+    """Reusable work buffers, one per name and dtype, grown to the largest request.
+
+    Freshly allocated CPU tensors of this size cost more in page faults than the arithmetic done on them;
+    reusing buffers across chunks avoids that (on CUDA the caching allocator already does).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self._buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=self.device)
+            self._buffers[(name, dtype)] = buffer
+        return buffer[:numel].view(shape)
+
+
+def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` (N, chunk entries) with each task's fp32 deltas for the chunk's keys; absent keys are 0.
+
+    On CUDA a task's keys are concatenated in one kernel (launches dominate there); on the CPU each key is
+    copied into place, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes.
+    Raises ValueError naming the task and key when a delta holds NaN/Inf.
+    """
+    for row, source in zip(out, sources, strict=True):
+        parts = [source.fetch(segment.key, device) for segment in chunk.segments]
+        if device.type != "cpu" and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+            flat = [part.reshape(-1) for part in parts]
+            if parts[0].dtype == torch.float32:
+                torch.cat(flat, out=row)
+            else:
+                row.copy_(torch.cat(flat))
+            continue
+        for segment, part in zip(chunk.segments, parts, strict=True):
+            if part is None:
+                row[segment.span].zero_()
+            else:
+                row[segment.span].copy_(part.reshape(-1))
+    if not bool(torch.isfinite(out.sum())):
+        _raise_on_nonfinite(out, chunk)
+    return out
+
+
+def _raise_on_nonfinite(stack: torch.Tensor, chunk: Chunk) -> None:
+    """Name the first task and key with NaN/Inf (a non-finite sum can also be a harmless overflow)."""
+    for index, row in enumerate(stack, start=1):
+        for segment in chunk.segments:
+            if not bool(torch.isfinite(row[segment.span]).all()):
+                raise ValueError(
+                    f"task vector {index}: key '{segment.key}' has NaN/Inf values in its delta — "
+                    "fix the source model, or extract the task vector with non-finite keys skipped"
+                )

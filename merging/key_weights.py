@@ -1,0 +1,62 @@
+"""Per-key multipliers on the merged delta: regular expressions and named block presets.
+
+A key's multiplier is the product of every matching ``key_weights`` rule and of its block's entry in
+``block_weights``; keys nothing matches keep 1. Block presets name the top-level blocks of the
+architectures ComfyUI loads, matched on key names (any prefix such as ``diffusion_model.`` is allowed):
+
+========  ==========================  ====================
+name      SD1.x / SD2 / SDXL UNet      Flux
+========  ==========================  ====================
+input     ``input_blocks.*``
+middle    ``middle_block.*``
+output    ``output_blocks.*``
+double                                 ``double_blocks.*``
+single                                 ``single_blocks.*``
+========  ==========================  ====================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+BLOCK_PRESETS: dict[str, str] = {
+    "input": r"(^|\.)input_blocks\.",
+    "middle": r"(^|\.)middle_block\.",
+    "output": r"(^|\.)output_blocks\.",
+    "double": r"(^|\.)double_blocks\.",
+    "single": r"(^|\.)single_blocks\.",
+}
+
+
+def compile_key_weights(
+    key_weights: Iterable[Sequence] | None, block_weights: Mapping[str, float] | None
+) -> tuple[tuple[re.Pattern, float], ...]:
+    """Validate both forms and turn them into one list of (compiled regex, multiplier) rules."""
+    rules: list[tuple[re.Pattern, float]] = []
+    for rule in key_weights or ():
+        if not isinstance(rule, Sequence) or isinstance(rule, str) or len(rule) != 2:
+            raise ValueError(f"key_weights entries must be (regex, multiplier) pairs, not {rule!r}")
+        pattern, multiplier = rule
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"key_weights: '{pattern}' is not a valid regular expression: {error}") from None
+        rules.append((compiled, _finite(multiplier, f"key_weights multiplier for '{pattern}'")))
+    for name, multiplier in (block_weights or {}).items():
+        if name not in BLOCK_PRESETS:
+            raise ValueError(f"block_weights: unknown block '{name}' (known: {', '.join(BLOCK_PRESETS)})")
+        rules.append((re.compile(BLOCK_PRESETS[name]), _finite(multiplier, f"block_weights['{name}']")))
+    return tuple(rules)
+
+
+def key_multiplier(key: str, rules: Sequence[tuple[re.Pattern, float]]) -> float:
+    """The product of the multipliers of every rule whose regex is found in ``key``."""
+    return math.prod(multiplier for pattern, multiplier in rules if pattern.search(key))
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    return float(value)

@@ -1,0 +1,238 @@
+"""Merging task vectors: the public entry points and the one pipeline every method runs through.
+
+::
+
+    from merging import merge_task_vectors, iter_merged
+    merged = merge_task_vectors([tau_a, tau_b, tau_c], "ties", k=0.2, lam=1.0)        # dict of fp32 CPU deltas
+    for key, delta in iter_merged([tau_a, tau_b], "drm", direction="auto"):            # streaming, on the GPU
+        ...
+
+Per chunk of keys (see :mod:`merging.chunks`): gather the N deltas in fp32 on the device → sparsify
+(:mod:`merging.sparsify`; DRM first moves 2-D weights into their joint SVD basis, :mod:`merging.drm`) →
+elect signs and combine (:mod:`merging.consensus`) → multiply by λ and the per-key weights. Global
+magnitude trims (TIES' whole-model top-k, LaS masks, DRM's optional non-linear trim) first stream the
+model once or twice to find each task's exact threshold (:mod:`merging.topk`); nothing is ever
+concatenated beyond one chunk. Which stages a method uses is data, in :mod:`merging.methods`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import consensus, drm, sparsify
+from .chunks import CHUNK_NUMEL, Chunk, Scratch, as_sources, gather, plan_chunks, union_shapes
+from .device import best_device
+from .key_weights import key_multiplier
+from .methods import MergeConfig, resolve_merge
+from .task_vectors import TaskVector
+from .topk import kth_largest_magnitude
+
+logger = logging.getLogger(__name__)
+
+TaskVectors = Sequence[Mapping[str, torch.Tensor] | TaskVector]
+Progress = Callable[[int, int], None]
+
+
+class MergeCancelled(RuntimeError):
+    """Raised when the ``should_stop`` hook asks a running merge to stop."""
+
+
+def merge_task_vectors(task_vectors: TaskVectors, method: str, **params: Any) -> dict[str, torch.Tensor]:
+    """Merge task vectors into one delta per key: a dict of fp32 CPU tensors.
+
+    ``task_vectors`` is a sequence of key→tensor mappings (dicts, lazy file mappings) or
+    :class:`~merging.TaskVector` objects; a key absent from some of them counts as a zero delta there.
+    ``method`` is one of "weighted", "ties", "dare", "las", "drm"; parameters and conventions are in
+    ``merging/MERGING.md``. Add the result to the base weights to get the merged model
+    (:func:`merging.apply_task_vector`). Accepts ``device=`` and ``chunk_numel=`` like :func:`iter_merged`.
+    """
+    return {key: delta.to("cpu") for key, delta in iter_merged(task_vectors, method, **params)}
+
+
+def iter_merged(
+    task_vectors: TaskVectors,
+    method: str,
+    *,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool | None] | None = None,
+    chunk_numel: int = CHUNK_NUMEL,
+    **params: Any,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the merge: yield (key, merged fp32 delta on ``device``) one key at a time.
+
+    Work runs on ``device`` (default :func:`merging.device.best_device`). Keys are processed in chunks of
+    about ``chunk_numel`` entries per task, so memory holds one chunk and never the whole model; yielded
+    tensors may be views of their chunk's buffer (clone one to keep it apart). ``progress(done, total)``
+    is called after each chunk, counting keys over every pass (global trims read the model up to twice
+    before the merge pass). ``should_stop()`` is called before each chunk: it may raise (ComfyUI's
+    ``throw_exception_if_processing_interrupted``) or return True, which raises :class:`MergeCancelled`.
+
+    Everything is validated before this returns (raises ValueError: unknown method or parameter, values
+    out of range, empty set, shape mismatches); NaN/Inf deltas raise ValueError when their chunk is read.
+    """
+    sources = as_sources(task_vectors)
+    config = resolve_merge(method, len(sources), **params)
+    shapes = union_shapes(sources)
+    if chunk_numel < 1:
+        raise ValueError(f"chunk_numel must be positive, not {chunk_numel}")
+    run = _MergeRun(config, sources, shapes, _device(device), progress, should_stop, chunk_numel)
+    return run.merged()
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    return best_device() if device is None else torch.device(device)
+
+
+class _MergeRun:
+    """One merge in progress: the configured stages applied chunk by chunk."""
+
+    def __init__(self, config: MergeConfig, sources, shapes, device, progress, should_stop, chunk_numel):
+        self.config, self.sources, self.shapes, self.device = config, sources, shapes, device
+        self.progress, self.should_stop = progress, should_stop
+        self.chunk_numel = chunk_numel
+        self.scratch = Scratch(device)
+        self.weights = None if config.uniform_weights else torch.tensor(config.weights, device=device)
+        self.linear = {
+            key: config.method.basis == "svd" and drm.is_linear(key, shape, config.params["conv"])
+            for key, shape in shapes.items()
+        }
+        self.raw_keys = [key for key in shapes if not self.linear[key]]
+        self.global_trim = self._needs_global_trim()
+        self.done = 0
+        self.total = len(shapes) + (2 * len(self.raw_keys) if self.global_trim else 0)
+
+    # -- passes ---------------------------------------------------------------------------------------
+
+    def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
+        started = time.perf_counter()
+        thresholds = self._global_thresholds() if self.global_trim else None
+        for chunk in plan_chunks(self.shapes, list(self.shapes), self.chunk_numel):
+            stack = self._gather(chunk)
+            out = torch.empty(chunk.numel, dtype=torch.float32, device=self.device)
+            if self.config.method.basis == "svd":
+                self._merge_per_key(stack, out, chunk, thresholds)
+            else:
+                self._merge_raw(stack, out, chunk, thresholds)
+            self._scale(out, chunk)
+            self._advance(len(chunk.segments))
+            for segment in chunk.segments:
+                yield segment.key, out[segment.span].view(segment.shape)
+        logger.info(
+            "%s merge of %d task vectors, %d keys: %.2f s on %s",
+            self.config.method.name,
+            len(self.sources),
+            len(self.shapes),
+            time.perf_counter() - started,
+            self.device,
+        )
+
+    def _global_thresholds(self) -> torch.Tensor:
+        """Each task's exact threshold over all raw keys (TIES / LaS / DRM non-linear trims)."""
+        chunks = plan_chunks(self.shapes, self.raw_keys, self.chunk_numel)
+        entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
+        rank = self._rule.rank(self.config.keep, entries)
+
+        def stacks() -> Iterator[torch.Tensor]:
+            for chunk in chunks:
+                yield self._gather(chunk)
+                self._advance(len(chunk.segments))
+
+        thresholds = kth_largest_magnitude(stacks, [rank] * len(self.sources), self.device)
+        self.done = 2 * len(self.raw_keys)
+        self._report()
+        return thresholds
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _merge_raw(self, stack: torch.Tensor, out: torch.Tensor, chunk: Chunk, thresholds) -> None:
+        """Sparsify → elect → combine on raw entries (every method but DRM's 2-D weights)."""
+        config, weights = self.config, self.weights
+        mask = self.scratch.get("work", tuple(stack.shape))
+        self._sparsify(stack, chunk, thresholds, mask)
+        if config.combine == "stitch":
+            consensus.stitch(stack, mask, weights, out, self.scratch)
+        elif config.combine == "sum":
+            consensus.weighted_sum(stack, weights, out)
+        elif config.method.weights_after_election:
+            consensus.disjoint_mean(stack, config.sign, out, self.scratch, weights_after_election=weights)
+        else:
+            consensus.scale_rows_(stack, weights)
+            consensus.disjoint_mean(stack, config.sign, out, self.scratch)
+
+    def _sparsify(self, stack: torch.Tensor, chunk: Chunk, thresholds, mask: torch.Tensor) -> None:
+        config = self.config
+        if config.method.sparsify == "random":
+            sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch)
+        elif config.method.sparsify == "magnitude":
+            if thresholds is not None:
+                sparsify.apply_threshold_(stack, thresholds, self._rule.strict, mask)
+            elif config.params.get("topk_scope") == "per_tensor":
+                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask)
+
+    def _merge_per_key(self, stack: torch.Tensor, out: torch.Tensor, chunk: Chunk, thresholds) -> None:
+        """DRM: 2-D weights through the joint SVD basis, every other key through the raw path."""
+        params = self.config.params
+        for segment in chunk.segments:
+            deltas, merged = stack[:, segment.span], out[segment.span]
+            if not self.linear[segment.key]:
+                self._merge_raw(deltas, merged, Chunk.of(segment), thresholds)
+                continue
+            rows = segment.shape[0]
+            cols = segment.numel // rows
+            result = drm.merge_matrix(
+                deltas.view(len(self.sources), rows, cols),
+                keep=self.config.method.basis_keep(params),
+                sign=self.config.sign,
+                weights=self.weights,
+                horizontal=drm.transposes(params["direction"], rows, cols),
+                scratch=self.scratch,
+            )
+            merged.copy_(result.view(-1))
+
+    def _scale(self, out: torch.Tensor, chunk: Chunk) -> None:
+        """Multiply by λ (and DARE's rescale) and each key's ``key_weights`` / ``block_weights`` factor."""
+        scale = self.config.output_scale
+        factors = [scale * key_multiplier(segment.key, self.config.key_rules) for segment in chunk.segments]
+        if len(set(factors)) == 1:
+            if factors[0] != 1.0:
+                out.mul_(factors[0])
+            return
+        for segment, factor in zip(chunk.segments, factors, strict=True):
+            if factor != 1.0:
+                out[segment.span].mul_(factor)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    @property
+    def _rule(self) -> sparsify.RankRule:
+        return sparsify.RANK_RULES[self.config.method.rank_rule]
+
+    def _needs_global_trim(self) -> bool:
+        config = self.config
+        if config.method.sparsify != "magnitude" or not self.raw_keys:
+            return False
+        if config.params.get("topk_scope") == "per_tensor":
+            return False
+        entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
+        return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
+
+    def _gather(self, chunk: Chunk) -> torch.Tensor:
+        if self.should_stop is not None and self.should_stop():
+            raise MergeCancelled(f"{self.config.method.name} merge cancelled")
+        stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
+        return gather(self.sources, chunk, self.device, stack)
+
+    def _advance(self, keys: int) -> None:
+        self.done += keys
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
