@@ -60,3 +60,34 @@ def _finite(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number, not {value!r}")
     return float(value)
+
+
+def parse_weight_rules(text: str) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """Parse one rule per line into (key_weights, block_weights) — the form the merge nodes take.
+
+    ``regex = multiplier`` scales keys matching the regex; ``@block = multiplier`` uses a preset
+    (``@input``, ``@middle``, ``@output``, ``@double``, ``@single``). Blank lines and ``#`` comments are
+    ignored. Example: ``@input = 0.5`` and ``attn2 = 0`` (keep cross-attention out of the merge).
+    """
+    key_weights: list[tuple[str, float]] = []
+    block_weights: dict[str, float] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        pattern, sep, value = line.rpartition("=")
+        try:
+            multiplier = float(value)
+        except ValueError:
+            multiplier = None
+        if not sep or not pattern.strip() or multiplier is None:
+            raise ValueError(
+                f"weight rule line {number} ('{raw.strip()}') must look like 'regex = 0.5' or '@input = 0.5'"
+            )
+        pattern = pattern.strip()
+        if pattern.startswith("@"):
+            block_weights[pattern[1:]] = multiplier
+        else:
+            key_weights.append((pattern, multiplier))
+    compile_key_weights(key_weights, block_weights)  # validates regexes, block names and numbers now
+    return key_weights, block_weights

@@ -30,7 +30,7 @@ from .chunks import CHUNK_NUMEL, Chunk, Scratch, as_sources, gather, plan_chunks
 from .device import best_device
 from .key_weights import key_multiplier
 from .methods import MergeConfig, resolve_merge
-from .task_vectors import TaskVector
+from .task_vectors import StoredDeltas, TaskVector
 from .topk import kth_largest_magnitude
 
 logger = logging.getLogger(__name__)
@@ -236,3 +236,42 @@ class _MergeRun:
     def _report(self) -> None:
         if self.progress is not None:
             self.progress(min(self.done, self.total), self.total)
+
+
+class MergedDeltas(StoredDeltas):
+    """A merge's result held in memory, remembering how it was made (for metadata and recipes)."""
+
+    label = "merge"
+
+    def __init__(self, deltas: dict[str, torch.Tensor], recipe: dict[str, Any], inputs: list[dict]):
+        super().__init__(deltas, name=recipe["method"])
+        self.merge_recipe, self.inputs = recipe, inputs
+
+    def describe(self) -> dict:
+        return {"op": self.label, **self.merge_recipe, "inputs": self.inputs}
+
+
+def merge_to_task_vector(
+    task_vectors: Sequence[TaskVector],
+    method: str,
+    *,
+    storage_dtype: torch.dtype = torch.float32,
+    storage_device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool | None] | None = None,
+    **params: Any,
+) -> TaskVector:
+    """Run a merge once and keep each merged delta (in ``storage_dtype``) as a :class:`TaskVector`.
+
+    The result remembers the method, its resolved parameters and the recipes of its inputs; its base
+    fingerprint is the inputs' when they agree.
+    """
+    config = resolve_merge(method, len(task_vectors), **params)
+    merged = iter_merged(task_vectors, method, device=device, progress=progress, should_stop=should_stop, **params)
+    deltas = {key: delta.to(device=storage_device, dtype=storage_dtype, copy=True) for key, delta in merged}
+    fingerprints = {tv.base_fingerprint for tv in task_vectors} - {None}
+    leaf = MergedDeltas(deltas, config.recipe(), [tv.recipe for tv in task_vectors])
+    sources = tuple(dict.fromkeys(source for tv in task_vectors for source in tv.sources))
+    fingerprint = fingerprints.pop() if len(fingerprints) == 1 else None
+    return TaskVector(((1.0, leaf),), base_fingerprint=fingerprint, sources=sources)

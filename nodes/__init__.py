@@ -2,12 +2,17 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import checkpoints, demo, task_vectors
+from . import checkpoints, demo, merge, task_vectors
 from .comfy_bridge import register_task_vector_folder
 
 register_task_vector_folder()
 
-ALL_NODES: list[type[io.ComfyNode]] = [*task_vectors.NODES, *checkpoints.NODES, *demo.NODES]
+ALL_NODES: list[type[io.ComfyNode]] = [
+    *task_vectors.NODES,
+    *merge.NODES,
+    *checkpoints.NODES,
+    *demo.NODES,
+]
 
 
 class DiffusionMergeExtension(ComfyExtension):
