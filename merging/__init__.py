@@ -12,6 +12,7 @@ Nothing here imports ComfyUI. With the pack's root on ``sys.path``::
 from .io import SafetensorsFile, write_safetensors
 from .lora import lora_delta, lora_deltas
 from .merge import MergeCancelled, iter_merged, merge_task_vectors
+from .merge_files import merge_checkpoint_files
 from .task_vector_files import (
     load_task_vector,
     open_diffusion_model,
@@ -45,6 +46,7 @@ __all__ = [
     "load_task_vector",
     "lora_delta",
     "lora_deltas",
+    "merge_checkpoint_files",
     "merge_task_vectors",
     "open_diffusion_model",
     "save_task_vector",

@@ -277,3 +277,27 @@ def test_library_imports_without_comfyui():
     code = "import sys, merging; assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, env=env, check=True)
+
+
+def test_merging_checkpoint_files_streams_base_plus_the_merge(tmp_path, pair):
+    finetuned, base = pair
+    other = weights(7)
+    extra = {"first_stage_model.decoder.w": torch.randn(3, 3), "cond_stage_model.step": torch.tensor([1, 2])}
+
+    def checkpoint(name, state, with_extra=False):
+        tensors = {"model." + k: v for k, v in state.items()} | (extra if with_extra else {})
+        safetensors.torch.save_file(tensors, tmp_path / name)
+        return tmp_path / name
+
+    paths = [checkpoint("a.safetensors", finetuned), checkpoint("b.safetensors", other)]
+    base_path = checkpoint("base.safetensors", base, with_extra=True)
+    out = merging.merge_checkpoint_files(base_path, paths, tmp_path / "out.safetensors", "ties", k=0.5, dtype="fp32")
+    merged = safetensors.torch.load_file(out)
+    taus = [merging.task_vector(finetuned, base), merging.task_vector(other, base)]
+    expected = merging.merge_task_vectors(taus, "ties", k=0.5)
+    for key, delta in expected.items():
+        torch.testing.assert_close(merged["model." + key], base[key] + delta, rtol=0, atol=1e-6)
+    assert torch.equal(merged["cond_stage_model.step"], extra["cond_stage_model.step"])
+    assert torch.equal(merged["first_stage_model.decoder.w"], extra["first_stage_model.decoder.w"])
+    recipe = json.loads(SafetensorsFile(out).metadata["dm_recipe"])
+    assert recipe["method"] == "ties" and recipe["k"] == 0.5
