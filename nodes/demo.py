@@ -19,13 +19,13 @@ class DemoCheckpointLoader(io.ComfyNode):
             category=f"{CATEGORY}/demo",
             description="A miniature SD1.5-architecture MODEL, CLIP and VAE with seeded weights, built in memory. "
             "It lets every example workflow run anywhere without downloads; its pictures are noise, not art. "
-            "'finetune-a' changes the early UNet blocks, 'finetune-b' the late ones.",
+            "Its 'fine-tunes' change the early blocks (a), the late blocks (b), attention (c) or everything a little (d).",
             inputs=[
                 io.Combo.Input(
                     "variant",
                     options=list(demo_models.VARIANTS),
                     default="base",
-                    tooltip="base, or one of two deterministic 'fine-tunes' of it (for task-vector demos).",
+                    tooltip="base, or one of four deterministic 'fine-tunes' of it (for task-vector and merge demos).",
                 ),
                 io.Int.Input(
                     "seed",

@@ -8,6 +8,7 @@ the base plus a seeded change on some blocks, so task vectors between them are m
 from __future__ import annotations
 
 import functools
+import re
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -90,11 +91,14 @@ TINY_VAE_CONFIG = {
     }
 }
 
-VARIANTS = ("base", "finetune-a", "finetune-b")
-# Which blocks each fine-tune changes: A the early blocks, B the late ones, both the time embedding.
-_FINETUNE_BLOCKS = {
-    "finetune-a": ("input_blocks.", "time_embed.", "img_in.", "double_blocks."),
-    "finetune-b": ("output_blocks.", "out.", "time_embed.", "final_layer.", "single_blocks."),
+VARIANTS = ("base", "finetune-a", "finetune-b", "finetune-c", "finetune-d")
+# Which parameters each fine-tune changes (regex on names): A the early blocks, B the late ones (both the
+# time embedding), C the attention layers, D everything a little.
+_FINETUNE_PARAMETERS = {
+    "finetune-a": re.compile(r"^(input_blocks|time_embed|img_in|double_blocks)\."),
+    "finetune-b": re.compile(r"^(output_blocks|out|time_embed|final_layer|single_blocks)\."),
+    "finetune-c": re.compile(r"attn|transformer_blocks"),
+    "finetune-d": re.compile(r"."),
 }
 
 
@@ -112,15 +116,16 @@ def init_weights(module: torch.nn.Module, seed: int, scale: float = 0.02) -> Non
 
 
 def perturb(module: torch.nn.Module, variant: str, seed: int, scale: float = 0.01) -> None:
-    """Add a seeded change to the blocks a fine-tune variant owns (see ``_FINETUNE_BLOCKS``)."""
+    """Add a seeded change to the parameters a fine-tune variant owns (see ``_FINETUNE_PARAMETERS``)."""
     if variant == "base":
         return
-    if variant not in _FINETUNE_BLOCKS:
+    if variant not in _FINETUNE_PARAMETERS:
         raise ValueError(f"unknown demo variant '{variant}'; choose one of {VARIANTS}")
+    changed = _FINETUNE_PARAMETERS[variant]
     generator = torch.Generator().manual_seed(seed + 1000 * (VARIANTS.index(variant)))
     with torch.no_grad():
         for name, param in sorted(module.named_parameters()):
-            if name.startswith(_FINETUNE_BLOCKS[variant]):
+            if changed.search(name):
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
 
 

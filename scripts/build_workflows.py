@@ -358,8 +358,163 @@ def task_vectors(g: Graph) -> None:
     g.node("SaveImage", 6, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/task_vector")
 
 
+MERGE_NOTE = """\
+{title}
+
+1. Put a base checkpoint and fine-tunes OF THAT BASE into models/checkpoints. This example names \
+v1-5-pruned-emaonly.safetensors (SD 1.5) and two SD 1.5 fine-tunes; pick your own in the loaders.
+
+2. Each "Task Vector from Models" takes τ = fine-tune − base; each "Stack Task Vectors" adds one τ with its \
+weight. Chain more Stack nodes to merge more models.
+
+3. {method}
+
+4. The merged MODEL samples below; "Save Checkpoint (streaming)" writes it to output/checkpoints/ one tensor \
+at a time, with the merge recipe in the file's metadata. "weight_rules" scales blocks, e.g. "@output = 0.5".
+
+No checkpoints at hand? Replace the loaders with "Load Demo Checkpoint (tiny, built in)" (variants base, \
+finetune-a … d); the pack's demo and tests do exactly that.
+"""
+
+MERGE_METHODS = {
+    "merge_task_arithmetic": (
+        "Task arithmetic: θ = θ_base + λ·Σ wᵢτᵢ.",
+        "DM_MergeTaskArithmetic",
+        {"lam": 0.8},
+        "The weights on the Stack nodes and λ set how much of each fine-tune you get; plain sums can "
+        "over-shoot, so λ below 1 is common with several fine-tunes.",
+    ),
+    "merge_ties": (
+        "TIES-Merging: trim, elect signs, disjoint mean.",
+        "DM_MergeTIES",
+        {"k": 0.2, "topk_scope": "global", "sign": "mass", "lam": 1.0},
+        "TIES keeps each τ's largest k (20%) entries over the whole model, elects a sign per entry and averages "
+        "the agreeing entries. Try k between 0.1 and 0.5 and λ between 0.8 and 1.5.",
+    ),
+    "merge_dare": (
+        "DARE: drop and rescale (DARE-TIES with sign election).",
+        "DM_MergeDARE",
+        {"p": 0.5, "rescale": True, "sign": "mass", "seed": 0, "lam": 1.0},
+        "DARE drops each entry with probability p and rescales the rest by 1/(1−p); sign = mass makes it "
+        "DARE-TIES. Change the seed for another random draw; heavily trained fine-tunes prefer p ≤ 0.5.",
+    ),
+    "merge_localize_and_stitch": (
+        "Localize-and-Stitch (dataless): sparse, non-interfering merge.",
+        "DM_MergeLocalizeAndStitch",
+        {"k": 0.05, "lam": 1.0},
+        "Each τ keeps only its largest 5% of entries over the whole model; where masks overlap the changes are "
+        "averaged, elsewhere each fine-tune keeps its full change. No λ tuning needed.",
+    ),
+    "merge_drm": (
+        "DRM (Decom-Renorm-Merge): merge in a shared SVD basis.",
+        "DM_MergeDRM",
+        {"drop_rate": 0.8, "direction": "vertical", "conv": False, "lam": 1.0},
+        "DRM expresses every τ of a weight matrix in one shared SVD basis, renormalises, trims 80% jointly, "
+        "elects signs and averages there. One SVD per layer: slower on CPU, fast on a GPU.",
+    ),
+}
+
+FINETUNE_NAMES = ("dreamshaper_8.safetensors", "realisticVisionV51_v51VAE.safetensors")
+
+
+def sample_and_save(g: Graph, column: int, model: Output, clip: Output, vae: Output, prefix: str) -> None:
+    """Prompt → KSampler on ``model`` → decoded image saved under ``diffusion_merge/<prefix>``."""
+    positive = g.node(
+        "CLIPTextEncode",
+        column,
+        title="Positive prompt",
+        size=(400, 160),
+        clip=clip,
+        text="a lighthouse on a rocky coast at sunset, dramatic clouds, detailed, soft colours",
+    )
+    negative = g.node(
+        "CLIPTextEncode", column, title="Negative prompt", size=(400, 160), clip=clip, text="blurry, low quality"
+    )
+    latent = g.node("EmptyLatentImage", column, width=512, height=512, batch_size=1)
+    sampled = g.node(
+        "KSampler",
+        column + 1,
+        model=model,
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=42,
+        steps=20,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    image = g.node("VAEDecode", column + 2, samples=sampled[0], vae=vae)
+    g.node("SaveImage", column + 2, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{prefix}")
+
+
+def stacked_task_vectors(g: Graph, base: Node, names: tuple[str, ...], weights: tuple[float, ...]) -> Output:
+    """One loader, τ and Stack node per fine-tune, chained; returns the last stack."""
+    stack = None
+    for index, (name, weight) in enumerate(zip(names, weights, strict=True), start=1):
+        tuned = g.node("CheckpointLoaderSimple", 0, title=f"Fine-tune {index}", ckpt_name=name)
+        tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
+        inputs = {"task_vector": tau[0], "weight": weight} | ({"stack": stack} if stack is not None else {})
+        stack = g.node("DM_TaskVectorStack", 2, **inputs)[0]
+    return stack
+
+
+def merge_workflow(name: str) -> Callable[[Graph], None]:
+    """The example for one merge method: two fine-tunes of SD 1.5 merged, sampled and saved."""
+    title, node_type, params, explanation = MERGE_METHODS[name]
+
+    def build(g: Graph) -> None:
+        g.note(MERGE_NOTE.format(title=title, method=explanation), column=0, size=(400, 560))
+        base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+        stack = stacked_task_vectors(g, base, FINETUNE_NAMES, (1.0, 1.0))
+        merged = g.node(node_type, 3, base=base["MODEL"], task_vectors=stack, **params)
+        g.node(
+            "DM_SaveCheckpointStreaming",
+            4,
+            model=merged["MODEL"],
+            filename_prefix=f"checkpoints/{name}",
+            dtype="fp16",
+            clip=base["CLIP"],
+            vae=base["VAE"],
+        )
+        sample_and_save(g, 4, merged["MODEL"], base["CLIP"], base["VAE"], name)
+
+    build.__doc__ = f"{title} Two SD 1.5 fine-tunes merged, sampled and saved."
+    return build
+
+
+DEME_NOTE = """\
+DeMe merge: four timestep-range experts of one base, merged by weighted task arithmetic.
+
+DeMe (Ma et al., CVPR 2025) fine-tunes one copy of the base per noise range, then merges them back into ONE \
+model: θ = θ_base + Σ wᵢ (θᵢ − θ_base). The paper's released weights, from the lowest-noise expert to the \
+highest, are 0.1, 0.1, 0.2, 0.5 — set on the four Stack nodes (they need not sum to 1).
+
+1. Put the base and its four range experts into models/checkpoints (names here are placeholders) — experts \
+trained with this pack's range-expert trainer or any DeMe-style fine-tunes.
+
+2. Adjust the weights; "Task Vector Info" shows how large the merged change is and where it lives.
+
+No checkpoints at hand? The demo and tests swap in "Load Demo Checkpoint (tiny, built in)".
+"""
+
+
+def deme_merge(g: Graph) -> None:
+    """DeMe's merge: four range experts → weighted task arithmetic (0.1, 0.1, 0.2, 0.5) → sample."""
+    g.note(DEME_NOTE, column=0, size=(400, 520))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    names = tuple(f"sd15_deme_expert_t{lo:03d}-{lo + 250:03d}.safetensors" for lo in (0, 250, 500, 750))
+    stack = stacked_task_vectors(g, base, names, (0.1, 0.1, 0.2, 0.5))
+    merged = g.node("DM_MergeTaskArithmetic", 3, base=base["MODEL"], task_vectors=stack, lam=1.0)
+    g.node("DM_TaskVectorInfo", 3, size=(360, 260), task_vector=merged["merged"])
+    sample_and_save(g, 4, merged["MODEL"], base["CLIP"], base["VAE"], "deme_merge")
+
+
 WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
+    **{name: merge_workflow(name) for name in MERGE_METHODS},
+    "deme_merge": deme_merge,
 }
 
 

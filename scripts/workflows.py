@@ -27,7 +27,7 @@ UPLOAD_EXTRA_VALUES: dict[str, list[Any]] = {
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 
 DEMO_LOADER = "DM_DemoCheckpointLoader"
-DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b")
+DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b", "finetune-c", "finetune-d")
 DEMO_LATENT_SIZE = 64
 
 
@@ -195,7 +195,7 @@ def use_demo_models(prompt: dict) -> dict:
 
     Every ``CheckpointLoaderSimple`` becomes the pack's tiny built-in ``DM_DemoCheckpointLoader``
     (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
-    else ``finetune-a`` then ``finetune-b`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64.
+    else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64.
     """
     demo = copy.deepcopy(prompt)
     finetunes = iter(DEMO_FINETUNE_VARIANTS)
@@ -204,7 +204,7 @@ def use_demo_models(prompt: dict) -> dict:
             name = node["inputs"].get("ckpt_name", "")
             variant = "base" if is_base_checkpoint(name) else next(finetunes, None)
             if variant is None:
-                raise WorkflowError(f"node {node_id}: the demo has only two fine-tunes; '{name}' is a third one")
+                raise WorkflowError(f"node {node_id}: the demo has only four fine-tunes; '{name}' is a fifth one")
             node["class_type"] = DEMO_LOADER
             node["inputs"] = {"variant": variant, "seed": 0}
             node["_meta"] = {"title": f"{node.get('_meta', {}).get('title', 'Checkpoint')} (demo: {variant})"}

@@ -96,6 +96,7 @@ def test_use_demo_models_swaps_loaders_and_shrinks_latents(workflows):
     assert {demo[i]["class_type"] for i in "123"} == {"DM_DemoCheckpointLoader"}
     assert demo["4"]["inputs"] == {"width": 64, "height": ["9", 0], "batch_size": 2}
     assert prompt["1"]["class_type"] == "CheckpointLoaderSimple"  # the input is not modified
-    prompt["5"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "third.safetensors"}}
-    with pytest.raises(workflows.WorkflowError, match="third"):
+    for node_id, name in (("5", "c"), ("6", "d"), ("7", "e")):
+        prompt[node_id] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{name}.safetensors"}}
+    with pytest.raises(workflows.WorkflowError, match="fifth"):
         workflows.use_demo_models(prompt)
