@@ -19,7 +19,8 @@ class DemoCheckpointLoader(io.ComfyNode):
             category=f"{CATEGORY}/demo",
             description="A miniature SD1.5-architecture MODEL, CLIP and VAE with seeded weights, built in memory. "
             "It lets every example workflow run anywhere without downloads; its pictures are noise, not art. "
-            "Its 'fine-tunes' change the early blocks (a), the late blocks (b), attention (c) or everything a little (d).",
+            "Its 'fine-tunes' change the early blocks (a), the late blocks (b), attention (c) or everything a "
+            "little (d).",
             inputs=[
                 io.Combo.Input(
                     "variant",
