@@ -1,0 +1,455 @@
+"""σ-range routing inside ComfyUI: experts, the APPLY_MODEL router and the routed guider.
+
+A routed MODEL is a clone of the first expert carrying wrappers (``comfy.patcher_extension``):
+
+- ``OUTER_SAMPLE`` starts a *run* per sampler call: it resolves the experts' ends to σ with the model
+  sampling actually used (so a shift node applied after routing is honoured), checks that the experts
+  cover the schedule and that their parameterisations agree, before the network is called once.
+- ``APPLY_MODEL`` dispatches every network call on its σ: the first expert's weights run the wrapped
+  call itself; an expert with *other modules* is called through its own ``BaseModel.apply_model``; an
+  expert that *shares the first expert's modules* with different patches (base + τ, a LoRA, a merge:
+  ``is_clone``) is swapped in once with ``load_models_gpu``, which re-patches the shared weights.
+- When an expert is a different model class (SDXL base → refiner), ``SAMPLER_SAMPLE`` encodes the
+  conditioning once more with that model and ``PREDICT_NOISE`` hands each step the right set.
+
+Memory modes: ``resident`` registers the other experts as additional models, so ComfyUI loads them
+together with the routed model before sampling (no load mid-run); ``sequential`` loads only the active
+expert and, at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import comfy.patcher_extension
+import comfy.samplers
+import node_helpers
+import torch
+
+from ..merging.schedules import (
+    Boundary,
+    SigmaScale,
+    check_coverage,
+    coverage_problem,
+    discrete_scale,
+    expert_index,
+    flow_scale,
+    resolve_ends,
+)
+
+logger = logging.getLogger(__name__)
+
+ROUTER_KEY = "diffusion_merge.router"
+MEMORY_MODES = ("resident", "sequential")
+_PARAMETERISATIONS = (
+    comfy.model_sampling.CONST,
+    comfy.model_sampling.IMG_TO_IMG,
+    comfy.model_sampling.X0,
+    comfy.model_sampling.EDM,
+    comfy.model_sampling.V_PREDICTION,
+    comfy.model_sampling.EPS,
+    comfy.model_sampling.COSMOS_RFLOW,
+)
+_PATCH_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
+_REMEMBERED_SAMPLINGS = 64
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One expert of a routed model: a MODEL and where it stops (plus guider-only settings)."""
+
+    model: Any
+    end: Boundary
+    cfg: float | None = None
+    positive: list | None = None
+    negative: list | None = None
+
+
+def append_expert(experts: tuple[Expert, ...] | None, expert: Expert) -> tuple[Expert, ...]:
+    """A new expert list with ``expert`` after ``experts`` (lists are immutable: node outputs are cached)."""
+    return (*(experts or ()), expert)
+
+
+# -- model sampling ---------------------------------------------------------------------------------
+
+
+def sigma_scale(model_sampling) -> SigmaScale:
+    """The :class:`SigmaScale` of a ComfyUI model-sampling object (shift and object patches included)."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return flow_scale(model_sampling.percent_to_sigma)
+    if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
+        return discrete_scale(model_sampling.sigmas.detach().cpu(), model_sampling.percent_to_sigma)
+    return SigmaScale(
+        model_sampling.percent_to_sigma,
+        lambda timestep: float(model_sampling.sigma(torch.tensor(float(timestep)))),
+        lambda sigma: float(model_sampling.timestep(torch.tensor(float(sigma)))),
+    )
+
+
+def parameterisation(model_sampling) -> str:
+    """What a model predicts, as ComfyUI's class name: EPS, V_PREDICTION, CONST (flow), EDM, …"""
+    for cls in _PARAMETERISATIONS:
+        if isinstance(model_sampling, cls):
+            return cls.__name__
+    return type(model_sampling).__name__
+
+
+def _sampling_of(patcher):
+    return patcher.get_model_object("model_sampling")
+
+
+def _family(patcher) -> str:
+    return type(patcher.model.model_config).__name__
+
+
+# -- validation -------------------------------------------------------------------------------------
+
+
+def check_experts(experts: tuple[Expert, ...]) -> None:
+    """Refuse expert lists that cannot be routed, naming the expert and what differs."""
+    if not experts:
+        raise ValueError("no experts: connect at least one Route Expert node")
+    first = experts[0].model
+    for number, expert in enumerate(experts, start=1):
+        model = expert.model
+        if not hasattr(model, "model") or not hasattr(model, "get_model_object"):
+            raise ValueError(f"expert {number}: the input is not a MODEL")
+        if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, ROUTER_KEY):
+            raise ValueError(f"expert {number} is itself a routed model; chain all experts into one router instead")
+        _check_same_family(first, model, number)
+
+
+def _check_same_family(first, model, number: int) -> None:
+    checks = (
+        ("latent format", lambda p: type(p.model.latent_format).__name__),
+        ("model type", lambda p: getattr(p.model.model_type, "name", str(p.model.model_type))),
+        ("prediction", lambda p: parameterisation(_sampling_of(p))),
+    )
+    for what, read in checks:
+        if read(model) != read(first):
+            raise ValueError(
+                f"expert {number} ({_family(model)}) has {what} {read(model)} but expert 1 ({_family(first)}) has "
+                f"{read(first)}: routed experts must share one latent space and prediction type — "
+                "use models of the same family (e.g. SDXL base + refiner, Wan 2.2 high + low)"
+            )
+
+
+def _ignored_patches(patcher) -> list[str]:
+    """Model patches of an expert that a routed model cannot apply (only its weights are used)."""
+    options = patcher.model_options
+    transformer = options.get("transformer_options", {})
+    found = [name for name in ("patches", "patches_replace") if transformer.get(name)]
+    found += [name for name in _PATCH_OPTIONS if options.get(name)]
+    found += [kind for kind, by_key in patcher.wrappers.items() if any(by_key.values())]
+    return found
+
+
+# -- the router -------------------------------------------------------------------------------------
+
+
+class Kind(Enum):
+    """How an expert's network is reached during sampling."""
+
+    PRIMARY = "the routed model's own weights"
+    SWAP = "same modules as expert 1, other patches: swapped in at its boundary"
+    DELEGATE = "separate modules: called through its own apply_model"
+
+
+def _weights_key(patcher) -> tuple:
+    objects = tuple(sorted((name, id(value)) for name, value in patcher.object_patches.items()))
+    return id(patcher.model), patcher.patches_uuid, objects
+
+
+def _arch_key(base_model) -> tuple:
+    return type(base_model), type(base_model.model_config)
+
+
+class SigmaRouter:
+    """Dispatches each network call of a routed MODEL to the expert whose σ range holds the call's σ."""
+
+    def __init__(self, experts: tuple[Expert, ...], memory_mode: str = "resident", node_id: str | None = None):
+        check_experts(experts)
+        if memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode '{memory_mode}' is not one of {', '.join(MEMORY_MODES)}")
+        self.experts = experts
+        self.memory_mode = memory_mode
+        self.node_id = node_id
+        self.boundaries = [expert.end for expert in experts]
+        self.primary_module = experts[0].model.model
+        self.kinds, self.canonical = self._classify()
+        archs = {_arch_key(p.model) for p, k in zip(self.canonical, self.kinds, strict=True) if k is Kind.DELEGATE}
+        self.own_conds = archs - {_arch_key(self.primary_module)}
+        self._run: RoutingRun | None = None
+        resolve_ends(self.boundaries, sigma_scale(_sampling_of(experts[0].model)))  # order errors now
+
+    def _classify(self) -> tuple[list[Kind], list[Any]]:
+        first_key = _weights_key(self.experts[0].model)
+        by_key: dict[tuple, Any] = {}
+        kinds, canonical = [], []
+        for expert in self.experts:
+            key = _weights_key(expert.model)
+            canonical.append(by_key.setdefault(key, expert.model))
+            if expert.model.model is not self.primary_module:
+                kinds.append(Kind.DELEGATE)
+            else:
+                kinds.append(Kind.PRIMARY if key == first_key else Kind.SWAP)
+        return kinds, canonical
+
+    def install(self, routed) -> None:
+        """Attach the wrappers (and, in resident mode, the other experts) to ``routed``, a clone of expert 1."""
+        wrappers = comfy.patcher_extension.WrappersMP
+        routed.add_wrapper_with_key(wrappers.OUTER_SAMPLE, ROUTER_KEY, self.outer_sample_wrapper)
+        routed.add_wrapper_with_key(wrappers.APPLY_MODEL, ROUTER_KEY, self.apply_model_wrapper)
+        if self.own_conds:
+            routed.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, ROUTER_KEY, self.sampler_sample_wrapper)
+            routed.add_wrapper_with_key(wrappers.PREDICT_NOISE, ROUTER_KEY, self.predict_noise_wrapper)
+        if self.memory_mode == "resident":
+            resident = self._first_per_module()
+            if resident:
+                routed.set_additional_models(ROUTER_KEY, resident)
+
+    def _first_per_module(self) -> list[Any]:
+        chosen: dict[int, Any] = {}
+        for patcher, kind in zip(self.canonical, self.kinds, strict=True):
+            if kind is Kind.DELEGATE:
+                chosen.setdefault(id(patcher.model), patcher)
+        return list(chosen.values())
+
+    def warn_about_ignored_settings(self, uses_guider: bool) -> None:
+        """Log what the routed model will not apply (patches on later experts, guider-only settings)."""
+        for number, (expert, kind) in enumerate(zip(self.experts, self.kinds, strict=True), start=1):
+            ignored = _ignored_patches(expert.model) if kind is not Kind.PRIMARY else []
+            if ignored:
+                logger.warning(
+                    "expert %d carries model patches (%s) that routing does not apply; only its weights are "
+                    "used. Apply such patches to the routed MODEL instead.",
+                    number,
+                    ", ".join(ignored),
+                )
+            has_guider_settings = expert.cfg or expert.positive is not None or expert.negative is not None
+            if has_guider_settings and not uses_guider:
+                logger.warning(
+                    "expert %d sets cfg or conditioning, which only the Routed Guider uses; a routed MODEL "
+                    "samples with the sampler's cfg and prompts",
+                    number,
+                )
+
+    def current_expert(self, timestep: torch.Tensor) -> int:
+        """The expert serving a call at ``timestep`` (σ) in the current run."""
+        return self._active_run().expert_at(float(timestep.max()))
+
+    def _active_run(self) -> RoutingRun:
+        if self._run is None:  # ComfyUI merges model wrappers only in CFGGuider.sample, which starts a run
+            raise RuntimeError("a routed model was called outside a sampler run (CFGGuider.sample)")
+        return self._run
+
+    @contextlib.contextmanager
+    def run(self, running, sigmas, conds: dict | None = None) -> Iterator[RoutingRun]:
+        """One sampler call of ``running`` (the routed model or a clone of it) over ``sigmas``."""
+        run = RoutingRun(self, running, sigmas)
+        if self.memory_mode == "sequential":  # a previous run may have left a later expert loaded
+            run.unload_others(running)
+        if self.own_conds and conds is not None:
+            run.raw_conds = {name: [c.copy() for c in items] for name, items in conds.items()}
+        previous, self._run = self._run, run
+        try:
+            yield run
+        finally:
+            self._run = previous
+            run.finish()
+
+    # -- wrappers ----------------------------------------------------------------------------------
+
+    def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        """OUTER_SAMPLE: one run per sampler call, validated before anything is loaded."""
+        guider = executor.class_obj
+        with self.run(guider.model_patcher, sigmas, guider.conds):
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def sampler_sample_wrapper(
+        self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs
+    ):
+        """SAMPLER_SAMPLE: encode the conditioning for experts of another model class, once per run."""
+        if self._run is not None and self._run.raw_conds is not None:
+            denoise_mask = args[0] if args else kwargs.get("denoise_mask")
+            self._run.encode_conds(guider, noise, latent_image, denoise_mask, extra_args.get("seed"))
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+
+    def predict_noise_wrapper(self, executor, x, timestep, *args, **kwargs):
+        """PREDICT_NOISE: hand each step the conditioning encoded by its expert's model class."""
+        run = self._run
+        if run is None or not run.conds_by_arch:
+            return executor(x, timestep, *args, **kwargs)
+        guider = executor.class_obj
+        index = run.expert_at(float(timestep.max()))
+        saved, guider.conds = guider.conds, run.conds_by_arch[_arch_key(self.canonical[index].model)]
+        try:
+            return executor(x, timestep, *args, **kwargs)
+        finally:
+            guider.conds = saved
+
+    def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
+        """APPLY_MODEL: run the network call on the expert whose range holds its σ."""
+        if executor.class_obj is not self.primary_module:  # an expert's own apply_model re-entering
+            return executor(x, t, *args, **kwargs)
+        run = self._active_run()
+        index = run.expert_at(float(t.max()))
+        run.activate(index)
+        if self.kinds[index] is Kind.DELEGATE:
+            return self.canonical[index].model.apply_model(x, t, *args, **kwargs)
+        return executor(x, t, *args, **kwargs)
+
+
+class RoutingRun:
+    """One sampler call through a routed model: resolved ends, the active expert, expert loads."""
+
+    def __init__(self, router: SigmaRouter, running, sigmas):
+        self.router = router
+        self.running = running
+        sampling = _sampling_of(running)
+        self._check_sampling(sampling)
+        self.ends = resolve_ends(router.boundaries, sigma_scale(sampling))
+        check_coverage(self.ends, sigmas.detach().cpu(), router.boundaries)
+        if router.node_id is not None:
+            remember_sampling(router.node_id, sampling)
+        if running.patches_uuid != router.experts[0].model.patches_uuid:
+            logger.warning(
+                "weight patches (e.g. a LoRA) were added to the routed MODEL after routing: they apply to the "
+                "first expert's weights only — apply them to each expert before routing"
+            )
+        self.active: int | None = None
+        self.loads = 0
+        self.raw_conds: dict | None = None
+        self.conds_by_arch: dict[tuple, dict] = {}
+
+    def _check_sampling(self, sampling) -> None:
+        expected = parameterisation(sampling)
+        for number, (expert, kind) in enumerate(zip(self.router.experts, self.router.kinds, strict=True), start=1):
+            found = parameterisation(_sampling_of(expert.model))
+            if kind is not Kind.PRIMARY and found != expected:
+                raise ValueError(
+                    f"the routed model samples as {expected} but expert {number} predicts {found}: a ModelSampling "
+                    "node applied after routing changes only the first expert. Apply it to every expert before "
+                    "routing."
+                )
+
+    def expert_at(self, sigma: float) -> int:
+        index = expert_index(sigma, self.ends)
+        if index is None:  # e.g. a solver's intermediate σ below the last end
+            raise ValueError(coverage_problem(self.ends, [sigma, 0.0], self.router.boundaries))
+        return index
+
+    def activate(self, index: int) -> None:
+        """Make expert ``index``'s weights the loaded ones; a no-op while the same expert stays active."""
+        if index == self.active:
+            return
+        target = self.running if self.router.kinds[index] is Kind.PRIMARY else self.router.canonical[index]
+        if not _is_loaded(target):
+            if self.router.memory_mode == "sequential":
+                self.unload_others(target)
+            logger.info("σ routing: loading expert %d (%s)", index + 1, self.router.kinds[index].value)
+            mm.load_models_gpu([target])
+            self.loads += 1
+        self.active = index
+
+    def unload_others(self, target) -> None:
+        """Sequential mode: free the other experts' modules (all but ``target``'s)."""
+        ours = {id(self.running.model)} | {id(p.model) for p in self.router.canonical}
+        for loaded in list(mm.current_loaded_models):
+            patcher = loaded.model
+            if patcher is None or id(patcher.model) not in ours or patcher.model is target.model:
+                continue
+            loaded.model_unload()
+            mm.current_loaded_models.remove(loaded)
+
+    def encode_conds(self, guider, noise, latent_image, denoise_mask, seed) -> None:
+        """Conditioning encoded by each other model class (e.g. the SDXL refiner's own ``y``)."""
+        self.conds_by_arch = {_arch_key(self.router.primary_module): guider.conds}
+        device = guider.model_patcher.load_device
+        for patcher, kind in zip(self.router.canonical, self.router.kinds, strict=True):
+            key = _arch_key(patcher.model)
+            if kind is not Kind.DELEGATE or key in self.conds_by_arch:
+                continue
+            conds = {name: [c.copy() for c in items] for name, items in self.raw_conds.items()}
+            self.conds_by_arch[key] = comfy.samplers.process_conds(
+                patcher.model, noise, conds, device, latent_image, denoise_mask, seed
+            )
+
+    def finish(self) -> None:
+        logger.debug("σ routing: run finished with %d expert load(s) mid-run", self.loads)
+
+
+def _is_loaded(patcher) -> bool:
+    """Whether ComfyUI holds ``patcher``'s weights loaded (itself or a clone with the same patches)."""
+    for loaded in mm.current_loaded_models:
+        other = loaded.model
+        if other is not None and other.model is patcher.model and _weights_key(other) == _weights_key(patcher):
+            return True
+    return False
+
+
+def build_routed_model(experts: tuple[Expert, ...], memory_mode: str = "resident", node_id: str | None = None):
+    """The routed MODEL (a clone of expert 1 with the router installed) and its router."""
+    router = SigmaRouter(experts, memory_mode, node_id)
+    routed = experts[0].model.clone()
+    router.install(routed)
+    if node_id is not None:
+        remember_sampling(node_id, _sampling_of(routed))
+    return routed, router
+
+
+# -- the routed guider ------------------------------------------------------------------------------
+
+
+class RoutedGuider(comfy.samplers.CFGGuider):
+    """CFG with each expert's own cfg and (optionally) prompts, over a routed model."""
+
+    def __init__(self, routed, router: SigmaRouter, positive, negative, cfg: float):
+        super().__init__(routed)
+        self.router = router
+        self.cfgs = [expert.cfg if expert.cfg else cfg for expert in router.experts]
+        conds = {"positive": positive, "negative": negative}
+        for index, expert in enumerate(router.experts):
+            if expert.positive is not None:
+                conds[f"positive_{index}"] = node_helpers.conditioning_set_values(
+                    expert.positive, {"prompt_type": "positive"}
+                )
+            if expert.negative is not None:
+                conds[f"negative_{index}"] = node_helpers.conditioning_set_values(
+                    expert.negative, {"prompt_type": "negative"}
+                )
+        self.inner_set_conds(conds)
+        self.set_cfg(cfg)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (CFGGuider's signature)
+        index = self.router.current_expert(timestep)
+        positive = self.conds.get(f"positive_{index}", self.conds.get("positive"))
+        negative = self.conds.get(f"negative_{index}", self.conds.get("negative"))
+        return comfy.samplers.sampling_function(
+            self.inner_model, x, timestep, negative, positive, self.cfgs[index], model_options=model_options, seed=seed
+        )
+
+
+# -- what the preview route shows -------------------------------------------------------------------
+
+_last_sampling: OrderedDict[str, Any] = OrderedDict()
+
+
+def remember_sampling(node_id: str, model_sampling) -> None:
+    """Keep the model sampling a routing node last used, for the editor's σ preview (bounded)."""
+    _last_sampling[str(node_id)] = model_sampling
+    _last_sampling.move_to_end(str(node_id))
+    while len(_last_sampling) > _REMEMBERED_SAMPLINGS:
+        _last_sampling.popitem(last=False)
+
+
+def remembered_sampling(node_id: str):
+    return _last_sampling.get(str(node_id))
