@@ -511,10 +511,145 @@ def deme_merge(g: Graph) -> None:
     sample_and_save(g, 4, merged["MODEL"], base["CLIP"], base["VAE"], "deme_merge")
 
 
+ROUTING_TWO_EXPERTS_NOTE = """\
+Two experts over σ ranges, as ONE model (the Wan 2.2 high-noise / low-noise recipe, in one sampler).
+
+1. The first "Route Expert" serves the noisy start of sampling down to its end (here σ = 1.0 on the SD \
+schedule); the second serves everything below. Ends are in σ, or pick "percent" / "timestep" in "unit".
+
+2. "Routed Model" outputs a normal MODEL: any sampler uses it in one call, so multistep samplers keep their \
+history across the switch — no leftover-noise hand-off between two KSamplerAdvanced nodes.
+
+3. memory_mode "resident" keeps both experts loaded; "sequential" loads one at a time (peak VRAM of one \
+expert), swapping once at the boundary.
+
+Real Wan 2.2: two UNETLoaders (high/low noise), a ModelSamplingSD3 (shift 8) on each BEFORE routing, the \
+first expert's end at σ 0.875, euler/simple, 20 steps, cfg 3.5. The canvas under "Routed Model" shows which \
+step lands in which expert for the connected sampler's schedule.
+"""
+
+
+def routing_two_experts(g: Graph) -> None:
+    """Wan 2.2-style high/low-noise experts split at a σ boundary, as one MODEL in one KSampler."""
+    g.note(ROUTING_TWO_EXPERTS_NOTE, column=0, size=(400, 520))
+    high = g.node("CheckpointLoaderSimple", 0, title="High-noise expert", ckpt_name="high_noise_expert.safetensors")
+    low = g.node("CheckpointLoaderSimple", 0, title="Low-noise expert", ckpt_name="low_noise_expert.safetensors")
+    first = g.node("DM_RouteExpert", 1, model=high["MODEL"], end=1.0, unit="sigma", cfg=0.0)
+    both = g.node("DM_RouteExpert", 1, model=low["MODEL"], experts=first[0], end=0.0, unit="sigma", cfg=0.0)
+    routed = g.node("DM_RoutedModel", 2, experts=both[0], memory_mode="resident")
+    sample_and_save(g, 3, routed[0], high["CLIP"], high["VAE"], "routing_two_experts")
+
+
+REFINER_NOTE = """\
+SDXL base → refiner at 20 % noise, with a cfg and prompts per expert, in ONE sampler.
+
+1. The base serves sampling from the start to 80 % ("percent" 0.8: the last 20 % of noise is left); the \
+refiner serves the rest with its own cfg (5) and its own prompts (connected to its Route Expert).
+
+2. "Routed Guider" feeds SamplerCustomAdvanced; the scheduler's steps and type set where each step lands.
+
+Real SDXL: use CLIPTextEncodeSDXL for the base prompts and CLIPTextEncodeSDXLRefiner for the refiner's. \
+memory_mode "sequential" keeps only one of the two large models in VRAM at a time.
+"""
+
+
+def routing_sdxl_refiner(g: Graph) -> None:
+    """SDXL base → refiner at 20 % noise through the routed guider, per-expert cfg and prompts."""
+    g.note(REFINER_NOTE, column=0, size=(400, 420))
+    base = g.node("CheckpointLoaderSimple", 0, title="SDXL base", ckpt_name="sd_xl_base_1.0.safetensors")
+    refiner = g.node("CheckpointLoaderSimple", 0, title="SDXL refiner", ckpt_name="sd_xl_refiner_1.0.safetensors")
+    prompt = "a red fox in fresh snow, morning light, sharp focus, detailed fur"
+    prompts = {}
+    for label, loader in (("base", base), ("refiner", refiner)):
+        clip = loader["CLIP"]
+        prompts[label] = (
+            g.node("CLIPTextEncode", 1, title=f"Positive ({label})", size=(400, 140), clip=clip, text=prompt),
+            g.node("CLIPTextEncode", 1, title=f"Negative ({label})", size=(400, 140), clip=clip, text="blurry"),
+        )
+    first = g.node("DM_RouteExpert", 2, model=base["MODEL"], end=0.8, unit="percent", cfg=0.0)
+    both = g.node(
+        "DM_RouteExpert",
+        2,
+        model=refiner["MODEL"],
+        experts=first[0],
+        end=1.0,
+        unit="percent",
+        cfg=5.0,
+        positive=prompts["refiner"][0][0],
+        negative=prompts["refiner"][1][0],
+    )
+    guider = g.node(
+        "DM_RoutedGuider",
+        3,
+        experts=both[0],
+        positive=prompts["base"][0][0],
+        negative=prompts["base"][1][0],
+        cfg=7.0,
+        memory_mode="sequential",
+    )
+    noise = g.node("RandomNoise", 3, noise_seed=0)
+    sampler = g.node("KSamplerSelect", 3, sampler_name="dpmpp_2m")
+    sigmas = g.node("BasicScheduler", 3, model=base["MODEL"], scheduler="karras", steps=25, denoise=1.0)
+    latent = g.node("EmptyLatentImage", 3, width=1024, height=1024, batch_size=1)
+    sampled = g.node(
+        "SamplerCustomAdvanced",
+        4,
+        noise=noise[0],
+        guider=guider[0],
+        sampler=sampler[0],
+        sigmas=sigmas[0],
+        latent_image=latent[0],
+    )
+    image = g.node("VAEDecode", 5, samples=sampled[0], vae=refiner["VAE"])
+    g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/routing_sdxl_refiner")
+
+
+DEME_ENSEMBLE_NOTE = """\
+DeMe ensemble: four timestep-range experts of one base, each serving its own quarter of sampling.
+
+This is the alternative to DeMe's merge (see the deme_merge example): instead of adding the four range task \
+vectors into one model, each expert = base + its task vector runs only in its own range (0–25 %, 25–50 %, \
+50–75 %, 75–100 % of sampling). All four share the base's weights, so the router swaps task vectors in place at \
+each boundary instead of holding four models.
+
+1. Put the base and its four range experts into models/checkpoints (names are placeholders), or load saved \
+task vectors with "Load Task Vector" and feed them to the Route Task Vector Expert nodes directly.
+2. "strength" scales each expert's task vector; "end" (percent) is where it hands over.
+"""
+
+
+def deme_ensemble(g: Graph) -> None:
+    """DeMe's ensemble: four range task vectors on one base, routed by sampling percent."""
+    g.note(DEME_ENSEMBLE_NOTE, column=0, size=(400, 460))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    experts = None
+    for index, lo in enumerate((0, 250, 500, 750)):
+        name = f"sd15_deme_expert_t{lo:03d}-{lo + 250:03d}.safetensors"
+        tuned = g.node("CheckpointLoaderSimple", 0, title=f"Range expert {index + 1}", ckpt_name=name)
+        tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
+        chain = {"experts": experts} if experts is not None else {}
+        experts = g.node(
+            "DM_RouteTaskVectorExpert",
+            2,
+            base=base["MODEL"],
+            task_vector=tau[0],
+            strength=1.0,
+            end=(index + 1) / 4,
+            unit="percent",
+            cfg=0.0,
+            **chain,
+        )[0]
+    routed = g.node("DM_RoutedModel", 3, experts=experts, memory_mode="resident")
+    sample_and_save(g, 4, routed[0], base["CLIP"], base["VAE"], "deme_ensemble")
+
+
 WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
     "deme_merge": deme_merge,
+    "routing_two_experts": routing_two_experts,
+    "routing_sdxl_refiner": routing_sdxl_refiner,
+    "deme_ensemble": deme_ensemble,
 }
 
 
