@@ -58,6 +58,9 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries  # Mapping's default would compute the patched weight
+
     def shape_of(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key][1][0][0].shape)
 

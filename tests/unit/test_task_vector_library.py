@@ -301,3 +301,22 @@ def test_merging_checkpoint_files_streams_base_plus_the_merge(tmp_path, pair):
     assert torch.equal(merged["first_stage_model.decoder.w"], extra["first_stage_model.decoder.w"])
     recipe = json.loads(SafetensorsFile(out).metadata["dm_recipe"])
     assert recipe["method"] == "ties" and recipe["k"] == 0.5
+
+
+def test_file_extraction_reads_each_tensor_once(tmp_path, pair, monkeypatch):
+    finetuned, base = pair
+    safetensors.torch.save_file(finetuned, tmp_path / "ft.safetensors")
+    safetensors.torch.save_file(base, tmp_path / "base.safetensors")
+    reads = []
+    original = SafetensorsFile._read
+
+    def counting(self, dtype, shape, begin, end):
+        reads.append((self.path.name, end - begin))
+        return original(self, dtype, shape, begin, end)
+
+    monkeypatch.setattr(SafetensorsFile, "_read", counting)
+    vector = merging.task_vector_from_files(tmp_path / "ft.safetensors", tmp_path / "base.safetensors")
+    assert all(size <= 16 * 4 for _, size in reads)  # building it reads only the fingerprint's few values
+    reads.clear()
+    merging.save_task_vector(vector, tmp_path / "tau.safetensors", dtype="fp32")
+    assert sorted(name for name, _ in reads) == ["base.safetensors"] * 4 + ["ft.safetensors"] * 4
