@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import comfy_in_process
 from comfy_server import find_comfyui
 from workflows import (
     input_specs,
@@ -40,7 +40,6 @@ from workflows import (
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = PACK_ROOT / "example_workflows"
-PACK_PACKAGE = "diffusion_merge"
 PACK_CNR_ID, CORE_CNR_ID = "diffusion-merge", "comfy-core"  # registry ids the editor uses to find missing packs
 
 COLUMN_GAP, ROW_GAP, MARGIN = 80, 50, 40
@@ -323,39 +322,8 @@ def task_vectors(g: Graph) -> None:
     half = g.node("DM_TaskVectorScale", 2, task_vector=tau[0], factor=0.5)
     g.node("DM_TaskVectorSave", 3, task_vector=half[0], filename_prefix="task_vectors/dreamshaper_half", dtype="fp16")
     applied = g.node("DM_TaskVectorApply", 3, model=base["MODEL"], task_vector=tau[0], strength=0.5, clip=base["CLIP"])
-    positive = g.node(
-        "CLIPTextEncode",
-        4,
-        title="Positive prompt",
-        size=(400, 160),
-        clip=applied["CLIP"],
-        text="a cozy wooden cabin in a snowy forest at dusk, warm window light, detailed, soft colours",
-    )
-    negative = g.node(
-        "CLIPTextEncode",
-        4,
-        title="Negative prompt",
-        size=(400, 160),
-        clip=applied["CLIP"],
-        text="blurry, low quality, watermark, text",
-    )
-    latent = g.node("EmptyLatentImage", 4, width=512, height=512, batch_size=1)
-    sampled = g.node(
-        "KSampler",
-        5,
-        model=applied["MODEL"],
-        positive=positive[0],
-        negative=negative[0],
-        latent_image=latent[0],
-        seed=42,
-        steps=20,
-        cfg=7.0,
-        sampler_name="euler",
-        scheduler="normal",
-        denoise=1.0,
-    )
-    image = g.node("VAEDecode", 6, samples=sampled[0], vae=base["VAE"])
-    g.node("SaveImage", 6, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/task_vector")
+    prompt = "a cozy wooden cabin in a snowy forest at dusk, warm window light, detailed, soft colours"
+    sample_and_save(g, 4, applied["MODEL"], applied["CLIP"], base["VAE"], "task_vector", prompt)
 
 
 MERGE_NOTE = """\
@@ -417,16 +385,14 @@ MERGE_METHODS = {
 FINETUNE_NAMES = ("dreamshaper_8.safetensors", "realisticVisionV51_v51VAE.safetensors")
 
 
-def sample_and_save(g: Graph, column: int, model: Output, clip: Output, vae: Output, prefix: str) -> None:
+LIGHTHOUSE = "a lighthouse on a rocky coast at sunset, dramatic clouds, detailed, soft colours"
+
+
+def sample_and_save(
+    g: Graph, column: int, model: Output, clip: Output, vae: Output, prefix: str, prompt: str = LIGHTHOUSE
+) -> None:
     """Prompt → KSampler on ``model`` → decoded image saved under ``diffusion_merge/<prefix>``."""
-    positive = g.node(
-        "CLIPTextEncode",
-        column,
-        title="Positive prompt",
-        size=(400, 160),
-        clip=clip,
-        text="a lighthouse on a rocky coast at sunset, dramatic clouds, detailed, soft colours",
-    )
+    positive = g.node("CLIPTextEncode", column, title="Positive prompt", size=(400, 160), clip=clip, text=prompt)
     negative = g.node(
         "CLIPTextEncode", column, title="Negative prompt", size=(400, 160), clip=clip, text="blurry, low quality"
     )
@@ -659,23 +625,13 @@ WORKFLOWS: dict[str, Callable[[Graph], None]] = {
 def load_object_info(comfyui: Path, work: Path) -> tuple[dict, Any]:
     """Boot ComfyUI's node registry in process (core, extras and this pack) with every folder it writes
     redirected into ``work``; returns (``/object_info`` for all nodes, ComfyUI's ``execution`` module)."""
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, str(comfyui))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import folder_paths
-    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
-
-    for name in ("output", "input", "temp", "user"):
-        (work / name).mkdir()
-        getattr(folder_paths, f"set_{name}_directory")(str(work / name))
+    comfy_in_process.boot(comfyui, work)
     import execution
 
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    _register_pack(nodes)
+    comfy_in_process.register_pack(nodes)
     info = {}
     for node_type in nodes.NODE_CLASS_MAPPINGS:
         try:
@@ -683,21 +639,6 @@ def load_object_info(comfyui: Path, work: Path) -> tuple[dict, Any]:
         except Exception as error:  # one broken node definition should not stop the build
             print(f"warning: no object_info for {node_type}: {error}", file=sys.stderr)
     return json.loads(json.dumps(info)), execution
-
-
-def _register_pack(nodes_module) -> None:
-    """Import the pack as ``diffusion_merge`` and register its V3 nodes as ComfyUI's loader does."""
-    spec = importlib.util.spec_from_file_location(
-        PACK_PACKAGE, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-    )
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_PACKAGE] = pack
-    spec.loader.exec_module(pack)
-    extension = asyncio.run(pack.comfy_entrypoint())
-    for node_cls in asyncio.run(extension.get_node_list()):
-        schema = node_cls.GET_SCHEMA()
-        nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls
-        nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
 
 
 def _node_info(nodes_module, node_type: str) -> dict:
