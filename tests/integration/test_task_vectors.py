@@ -113,7 +113,8 @@ def test_from_files_reads_low_precision_and_bare_unet_files(sd15_file, dtype):
 
 
 def lora_state_dict():
-    """A LoRA on the tiny UNet: a LoCon on a conv, a LoRA on a linear (with alpha) and a LoHa on a conv."""
+    """A LoRA on the tiny UNet: a LoCon on a conv, a LoRA on a linear (with alpha), a LoHa on a conv and a LoKr
+    on a linear."""
     g = torch.Generator().manual_seed(5)
     prefix = "diffusion_model."
     return {
@@ -126,6 +127,8 @@ def lora_state_dict():
         f"{prefix}out.2.hada_w1_b": torch.randn(2, 32 * 9, generator=g),
         f"{prefix}out.2.hada_w2_a": torch.randn(4, 2, generator=g),
         f"{prefix}out.2.hada_w2_b": torch.randn(2, 32 * 9, generator=g),
+        f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_v.lokr_w1": torch.randn(4, 8, generator=g),
+        f"{prefix}input_blocks.1.1.transformer_blocks.0.attn2.to_v.lokr_w2": torch.randn(8, 8, generator=g),
     }
 
 
@@ -138,7 +141,7 @@ def test_lora_task_vector_equals_the_stock_loader_delta(tiny_sd15, comfyui):
     safetensors.torch.save_file(lora, str(comfyui / "models" / "loras" / "tiny_lora.safetensors"))
     vector = first(tv_nodes.TaskVectorFromLoRA.execute("tiny_lora.safetensors", base))
     patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-    assert len(vector) == 3
+    assert len(vector) == 4
     weights = base.model.state_dict()
     for key in vector.keys():
         original = weights[key].float()
