@@ -55,8 +55,12 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self._entries, self.metadata, self._data_start = _read_header(self.path)
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def read(self, key: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
+        """One tensor; with ``buffer`` it lands in that reused memory, valid until the buffer's next use."""
         dtype, shape, (begin, end) = self._entry(key)
-        return self._read(dtype, shape, begin, end)
+        return self._read(dtype, shape, begin, end, buffer)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -87,15 +91,38 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         except KeyError:
             raise KeyError(f"'{self.path.name}' has no tensor '{key}'") from None
 
-    def _read(self, dtype: torch.dtype, shape, begin: int, end: int) -> torch.Tensor:
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as handle:
-            handle.seek(self._data_start + begin)
-            if handle.readinto(buffer) != len(buffer):
-                raise NotSafetensorsError(f"'{self.path.name}' is truncated")
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ReadBuffer | None = None) -> torch.Tensor:
+        size = end - begin
+        raw = buffer.take(size) if buffer is not None else torch.empty(size, dtype=torch.uint8)
+        if size:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._data_start + begin)
+                if handle.readinto(raw.numpy()) != size:
+                    raise NotSafetensorsError(f"'{self.path.name}' is truncated")
+        return raw.view(dtype).reshape(shape)
+
+
+class ReadBuffer:
+    """Reusable memory for tensors read from files and consumed before the next read (not thread-safe).
+
+    A fresh multi-megabyte allocation per tensor is a new memory map whose pages fault in one by one;
+    streaming an SDXL checkpoint that way spent most of its time in the kernel.
+    """
+
+    def __init__(self):
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, size: int) -> torch.Tensor:
+        if self._bytes.numel() < size:
+            self._bytes = torch.empty(size, dtype=torch.uint8)
+        return self._bytes[:size]
+
+
+def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ReadBuffer) -> torch.Tensor:
+    """``mapping[key]``, read into ``buffer`` when the mapping reads files (valid until the buffer's next use)."""
+    if hasattr(mapping, "read"):
+        return mapping.read(key, buffer)
+    return mapping[key]
 
 
 def _read_header(path: Path):
@@ -253,6 +280,9 @@ class RenamedMapping(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._inner[self._names[key]]
+
+    def read(self, key: str, buffer: ReadBuffer) -> torch.Tensor:
+        return read_tensor(self._inner, self._names[key], buffer)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

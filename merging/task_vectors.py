@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import best_device
-from .io import shape_of
+from .io import ReadBuffer, read_tensor, shape_of
 from .keys import fingerprint, select_keys
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class Difference(DeltaLeaf):
         self.finetuned, self.base, self.names = finetuned, base, names
         self._keys = list(finetuned.keys()) if keys is None else list(keys)
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
+        self._buffers = (ReadBuffer(), ReadBuffer())
 
     def keys(self) -> Sequence[str]:
         return self._keys
@@ -78,8 +79,9 @@ class Difference(DeltaLeaf):
         return self._shapes[key]
 
     def compute(self, key: str, device: torch.device) -> torch.Tensor:
-        delta = self.finetuned[key].to(device=device, dtype=torch.float32, copy=True)
-        base = self.base[key].to(device=device)
+        finetuned_buffer, base_buffer = self._buffers
+        delta = read_tensor(self.finetuned, key, finetuned_buffer).to(device=device, dtype=torch.float32, copy=True)
+        base = read_tensor(self.base, key, base_buffer).to(device=device)
         if base.dtype not in _PROMOTABLE:  # fp8 takes no part in type promotion
             base = base.to(torch.float32)
         return delta.sub_(base)  # fp16/bf16 are upcast inside the kernel, without an fp32 copy

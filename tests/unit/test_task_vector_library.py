@@ -310,9 +310,9 @@ def test_file_extraction_reads_each_tensor_once(tmp_path, pair, monkeypatch):
     reads = []
     original = SafetensorsFile._read
 
-    def counting(self, dtype, shape, begin, end):
+    def counting(self, dtype, shape, begin, end, buffer=None):
         reads.append((self.path.name, end - begin))
-        return original(self, dtype, shape, begin, end)
+        return original(self, dtype, shape, begin, end, buffer)
 
     monkeypatch.setattr(SafetensorsFile, "_read", counting)
     vector = merging.task_vector_from_files(tmp_path / "ft.safetensors", tmp_path / "base.safetensors")
