@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import checkpoints, demo, merge, routing, task_vectors
+from . import checkpoints, demo, merge, routing, superdiff, task_vectors
 from .comfy_bridge import register_task_vector_folder
 
 register_task_vector_folder()
@@ -12,6 +12,7 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *merge.NODES,
     *checkpoints.NODES,
     *routing.NODES,
+    *superdiff.NODES,
     *demo.NODES,
 ]
 
