@@ -609,6 +609,132 @@ def deme_ensemble(g: Graph) -> None:
     sample_and_save(g, 4, routed[0], base["CLIP"], base["VAE"], "deme_ensemble")
 
 
+SUPERDIFF_AND_NOTE = """\
+SuperDiff AND: one image that is BOTH prompts at once (the paper's "a flamingo" AND "a candy cane").
+
+SuperDiff (Skreta et al., ICLR 2025) runs the reverse SDE of several components together and, at every step, \
+weights their scores (κ) so that the image stays equally likely under each component — estimated on the fly \
+with the Itô density estimator, no training.
+
+1. Each "SuperDiff Component" is a model + prompt (+ negative, cfg); chain more for N > 2.
+2. "SuperDiff KSampler" hides the guider and sampler: mode AND = equal density, OR = a mixture (each sample \
+picks one component). It needs many small stochastic steps (100 by default); the κ trace is drawn on the node.
+3. kappa_clamp (0 = off, the reference behaviour) bounds κ if AND gets unstable.
+
+Needs a real SD 1.5 checkpoint for meaningful pictures; the demo swaps in the tiny built-in model.
+"""
+
+
+def superdiff_and_concepts(g: Graph) -> None:
+    """SuperDiff AND of two prompts on one checkpoint (flamingo AND candy cane), all-in-one node."""
+    g.note(SUPERDIFF_AND_NOTE, column=0, size=(400, 500))
+    loader = g.node("CheckpointLoaderSimple", 0, title="Model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    clip = loader["CLIP"]
+    flamingo = g.node("CLIPTextEncode", 1, title="Concept 1", size=(400, 120), clip=clip, text="a flamingo")
+    candy = g.node("CLIPTextEncode", 1, title="Concept 2", size=(400, 120), clip=clip, text="a candy cane")
+    empty = g.node("CLIPTextEncode", 1, title="Negative", size=(400, 120), clip=clip, text="")
+    first = g.node("DM_SuperDiffComponent", 2, model=loader["MODEL"], positive=flamingo[0], negative=empty[0], cfg=7.5)
+    both = g.node(
+        "DM_SuperDiffComponent",
+        2,
+        model=loader["MODEL"],
+        positive=candy[0],
+        components=first[0],
+        negative=empty[0],
+        cfg=7.5,
+    )
+    latent = g.node("EmptyLatentImage", 2, width=512, height=512, batch_size=1)
+    sampled = g.node(
+        "DM_SuperDiffKSampler",
+        3,
+        size=(360, 420),
+        components=both[0],
+        latent_image=latent[0],
+        seed=1,
+        steps=100,
+        scheduler="normal",
+        denoise=1.0,
+        mode="AND",
+        temperature=1.0,
+        bias="",
+        kappa_clamp=0.0,
+        and_epsilon=0.0,
+        flow_sigma_max=0.995,
+    )
+    image = g.node("VAEDecode", 4, samples=sampled[0], vae=loader["VAE"])
+    g.node("SaveImage", 4, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/superdiff_and")
+
+
+SUPERDIFF_OR_NOTE = """\
+SuperDiff OR: model A OR model B — each sample is drawn from the mixture of two checkpoints.
+
+With mode OR, κ = softmax(T·log q + bias) follows the component under which the sample is more likely, so each \
+image commits to one model's distribution (bias in nats sets the mixture weights, e.g. "0, -1"). This is the \
+modular form: SuperDiff Guider + SuperDiff Sampler in SamplerCustomAdvanced; "SuperDiff Trace" plots κ and the \
+log-densities of the last run.
+
+Both checkpoints must share a latent format (two SD 1.5 fine-tunes here). The demo swaps in tiny built-in models.
+"""
+
+
+def superdiff_or_models(g: Graph) -> None:
+    """SuperDiff OR of two checkpoints through the modular guider + sampler, with the trace plot."""
+    g.note(SUPERDIFF_OR_NOTE, column=0, size=(400, 460))
+    components = None
+    first_loader = None
+    for label, name in (("A", "dreamshaper_8.safetensors"), ("B", "realisticVisionV51_v51VAE.safetensors")):
+        loader = g.node("CheckpointLoaderSimple", 0, title=f"Model {label}", ckpt_name=name)
+        first_loader = first_loader or loader
+        text = "a portrait of a woman in a garden, soft light, detailed"
+        positive = g.node(
+            "CLIPTextEncode", 1, title=f"Positive ({label})", size=(400, 120), clip=loader["CLIP"], text=text
+        )
+        negative = g.node(
+            "CLIPTextEncode",
+            1,
+            title=f"Negative ({label})",
+            size=(400, 120),
+            clip=loader["CLIP"],
+            text="blurry, low quality",
+        )
+        chain = {"components": components} if components is not None else {}
+        components = g.node(
+            "DM_SuperDiffComponent",
+            2,
+            model=loader["MODEL"],
+            positive=positive[0],
+            negative=negative[0],
+            cfg=7.0,
+            **chain,
+        )[0]
+    guider = g.node("DM_SuperDiffGuider", 3, components=components)
+    sampler = g.node(
+        "DM_SuperDiffSampler",
+        3,
+        mode="OR",
+        temperature=1.0,
+        bias="0, 0",
+        kappa_clamp=0.0,
+        and_epsilon=0.0,
+        flow_sigma_max=0.995,
+    )
+    noise = g.node("RandomNoise", 3, noise_seed=0)
+    sigmas = g.node("BasicScheduler", 3, model=first_loader["MODEL"], scheduler="normal", steps=100, denoise=1.0)
+    latent = g.node("EmptyLatentImage", 3, width=512, height=512, batch_size=4)
+    sampled = g.node(
+        "SamplerCustomAdvanced",
+        4,
+        noise=noise[0],
+        guider=guider[0],
+        sampler=sampler[0],
+        sigmas=sigmas[0],
+        latent_image=latent[0],
+    )
+    g.node("DM_SuperDiffTrace", 5, size=(360, 300), guider=guider[0], latent=sampled[0])
+    image = g.node("VAEDecode", 5, samples=sampled[0], vae=first_loader["VAE"])
+    g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/superdiff_or")
+
+
 WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
@@ -616,6 +742,8 @@ WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "routing_two_experts": routing_two_experts,
     "routing_sdxl_refiner": routing_sdxl_refiner,
     "deme_ensemble": deme_ensemble,
+    "superdiff_and_concepts": superdiff_and_concepts,
+    "superdiff_or_models": superdiff_or_models,
 }
 
 
