@@ -415,6 +415,27 @@ def sample_and_save(
     g.node("SaveImage", column + 2, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{prefix}")
 
 
+def sample_custom(
+    g: Graph, column: int, guider: Output, sampler: Output, model: Output, schedule: tuple, latent: tuple
+) -> Output:
+    """SamplerCustomAdvanced with a fixed seed: ``schedule`` = (scheduler, steps), ``latent`` = (side, batch)."""
+    scheduler, steps = schedule
+    side, batch = latent
+    noise = g.node("RandomNoise", column, noise_seed=0)
+    sigmas = g.node("BasicScheduler", column, model=model, scheduler=scheduler, steps=steps, denoise=1.0)
+    empty = g.node("EmptyLatentImage", column, width=side, height=side, batch_size=batch)
+    sampled = g.node(
+        "SamplerCustomAdvanced",
+        column + 1,
+        noise=noise[0],
+        guider=guider,
+        sampler=sampler,
+        sigmas=sigmas[0],
+        latent_image=empty[0],
+    )
+    return sampled[0]
+
+
 def stacked_task_vectors(g: Graph, base: Node, names: tuple[str, ...], weights: tuple[float, ...]) -> Output:
     """One loader, τ and Stack node per fine-tune, chained; returns the last stack."""
     stack = None
@@ -553,20 +574,9 @@ def routing_sdxl_refiner(g: Graph) -> None:
         cfg=7.0,
         memory_mode="sequential",
     )
-    noise = g.node("RandomNoise", 3, noise_seed=0)
     sampler = g.node("KSamplerSelect", 3, sampler_name="dpmpp_2m")
-    sigmas = g.node("BasicScheduler", 3, model=base["MODEL"], scheduler="karras", steps=25, denoise=1.0)
-    latent = g.node("EmptyLatentImage", 3, width=1024, height=1024, batch_size=1)
-    sampled = g.node(
-        "SamplerCustomAdvanced",
-        4,
-        noise=noise[0],
-        guider=guider[0],
-        sampler=sampler[0],
-        sigmas=sigmas[0],
-        latent_image=latent[0],
-    )
-    image = g.node("VAEDecode", 5, samples=sampled[0], vae=refiner["VAE"])
+    sampled = sample_custom(g, 3, guider[0], sampler[0], base["MODEL"], ("karras", 25), (1024, 1))
+    image = g.node("VAEDecode", 5, samples=sampled, vae=refiner["VAE"])
     g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/routing_sdxl_refiner")
 
 
@@ -718,20 +728,9 @@ def superdiff_or_models(g: Graph) -> None:
         and_epsilon=0.0,
         flow_sigma_max=0.995,
     )
-    noise = g.node("RandomNoise", 3, noise_seed=0)
-    sigmas = g.node("BasicScheduler", 3, model=first_loader["MODEL"], scheduler="normal", steps=100, denoise=1.0)
-    latent = g.node("EmptyLatentImage", 3, width=512, height=512, batch_size=4)
-    sampled = g.node(
-        "SamplerCustomAdvanced",
-        4,
-        noise=noise[0],
-        guider=guider[0],
-        sampler=sampler[0],
-        sigmas=sigmas[0],
-        latent_image=latent[0],
-    )
-    g.node("DM_SuperDiffTrace", 5, size=(360, 300), guider=guider[0], latent=sampled[0])
-    image = g.node("VAEDecode", 5, samples=sampled[0], vae=first_loader["VAE"])
+    sampled = sample_custom(g, 3, guider[0], sampler[0], first_loader["MODEL"], ("normal", 100), (512, 4))
+    g.node("DM_SuperDiffTrace", 5, size=(360, 300), guider=guider[0], latent=sampled)
+    image = g.node("VAEDecode", 5, samples=sampled, vae=first_loader["VAE"])
     g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/superdiff_or")
 
 
