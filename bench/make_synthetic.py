@@ -5,11 +5,16 @@ values do not depend on which other keys are written, and a "finetuned" file (ba
 every key) can be produced without ever holding the base file in memory. Values are scaled roughly like
 trained weights: matrices and convolutions ~ N(0, 1/fan_in), norm scales ~ 1, biases ~ 0.02.
 
+Several different fine-tunes of one base: keep ``--seed`` (the base) and vary ``--noise-seed`` (the noise;
+it defaults to ``--seed``). ``--shapes`` takes another key/shape table of the same format (e.g.
+``flux_unet_shapes.json``) and ``--dtype`` another storage dtype (bf16, fp8_e4m3fn …).
+
 Files are written key by key with :func:`merging.io.write_safetensors` under the checkpoint prefix
 ``model.diffusion_model.``; memory stays at about one tensor. ::
 
     .venv/bin/python bench/make_synthetic.py /tmp/dm-bench/base.safetensors
     .venv/bin/python bench/make_synthetic.py /tmp/dm-bench/finetuned.safetensors --variant finetuned
+    .venv/bin/python bench/make_synthetic.py /tmp/dm-bench/ft2.safetensors --variant finetuned --noise-seed 2
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdxl_shapes import load_shapes
+from sdxl_shapes import SHAPES_PATH, load_shapes
 
-from merging.io import SafetensorsFile, write_safetensors
+from merging.io import DTYPE_NAMES, SafetensorsFile, parse_dtype, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +74,13 @@ def _generator(seed: int, key: str, stream: int) -> torch.Generator:
 
 
 def synthetic_tensors(
-    shapes: Mapping[str, tuple[int, ...]], variant: str, seed: int, relative_delta: float
+    shapes: Mapping[str, tuple[int, ...]], variant: str, seed: int, relative_delta: float, noise_seed: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint key, fp32 tensor) one key at a time."""
     for key, shape in shapes.items():
         values = base_tensor(key, shape, seed)
         if variant == "finetuned":
-            values.add_(finetune_noise(key, shape, seed, relative_delta))
+            values.add_(finetune_noise(key, shape, noise_seed, relative_delta))
         yield CHECKPOINT_PREFIX + key, values
 
 
@@ -85,49 +90,95 @@ def write_synthetic(
     variant: str = "base",
     seed: int = 0,
     relative_delta: float = 0.01,
+    *,
+    noise_seed: int | None = None,
+    dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write one synthetic fp16 checkpoint; its metadata records how it was made (see :func:`matches`)."""
+    """Write one synthetic checkpoint; its metadata records how it was made (see :func:`matches`).
+
+    ``noise_seed`` (default ``seed``) seeds the finetuned variant's noise, so fine-tunes of one base differ.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, not '{variant}'")
-    specs = [(CHECKPOINT_PREFIX + key, torch.float16, tuple(shape)) for key, shape in shapes.items()]
-    metadata = recipe(shapes, variant, seed, relative_delta)
-    tensors = synthetic_tensors(shapes, variant, seed, relative_delta)
+    noise_seed = seed if noise_seed is None else noise_seed
+    specs = [(CHECKPOINT_PREFIX + key, dtype, tuple(shape)) for key, shape in shapes.items()]
+    metadata = recipe(shapes, variant, seed, relative_delta, noise_seed=noise_seed, dtype=dtype)
+    tensors = synthetic_tensors(shapes, variant, seed, relative_delta, noise_seed)
     return write_safetensors(path, specs, tensors, metadata)
 
 
-def recipe(shapes: Mapping[str, tuple[int, ...]], variant: str, seed: int, relative_delta: float) -> dict[str, str]:
+def recipe(
+    shapes: Mapping[str, tuple[int, ...]],
+    variant: str,
+    seed: int,
+    relative_delta: float,
+    *,
+    noise_seed: int | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, str]:
+    finetuned = variant == "finetuned"
     return {
         "dm_bench_format": FORMAT,
         "variant": variant,
         "seed": str(seed),
-        "relative_delta": str(relative_delta) if variant == "finetuned" else "",
+        "relative_delta": str(relative_delta) if finetuned else "",
+        "noise_seed": str(seed if noise_seed is None else noise_seed) if finetuned else "",
+        "dtype": DTYPE_NAMES[dtype],
         "keys": str(len(shapes)),
         "parameters": str(sum(math.prod(s) for s in shapes.values())),
     }
 
 
-def matches(path: Path, shapes: Mapping[str, tuple[int, ...]], variant: str, seed: int, relative_delta: float) -> bool:
+def matches(
+    path: Path,
+    shapes: Mapping[str, tuple[int, ...]],
+    variant: str,
+    seed: int,
+    relative_delta: float,
+    *,
+    noise_seed: int | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> bool:
     """Whether ``path`` already holds the file :func:`write_synthetic` would write (by its metadata)."""
     try:
-        metadata = SafetensorsFile(path).metadata
+        metadata = _with_legacy_fields(SafetensorsFile(path).metadata)
     except (OSError, ValueError):
         return False
-    return all(metadata.get(k) == v for k, v in recipe(shapes, variant, seed, relative_delta).items())
+    expected = recipe(shapes, variant, seed, relative_delta, noise_seed=noise_seed, dtype=dtype)
+    return all(metadata.get(k) == v for k, v in expected.items())
+
+
+def _with_legacy_fields(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Files written before ``noise_seed`` and ``dtype`` were recorded: fp16, noise seeded by ``seed``."""
+    finetuned = metadata.get("variant") == "finetuned"
+    legacy = {"noise_seed": metadata.get("seed", "") if finetuned else "", "dtype": "F16"}
+    return {**legacy, **metadata}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     parser.add_argument("--variant", choices=VARIANTS, default="base")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the base values")
+    parser.add_argument("--noise-seed", type=int, default=None, help="seeds the finetuned noise (default: --seed)")
     parser.add_argument("--relative-delta", type=float, default=0.01, help="finetuned noise / weight scale")
+    parser.add_argument("--dtype", default="fp16", help="storage dtype: fp16, bf16, fp32, fp8_e4m3fn …")
+    parser.add_argument("--shapes", type=Path, default=SHAPES_PATH, help="key/shape table (default: SDXL UNet)")
     parser.add_argument("--keys", type=int, default=None, help="only this many keys, spread evenly (quick runs)")
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    shapes = select_keys(load_shapes(), options.keys)
+    shapes = select_keys(load_shapes(options.shapes), options.keys)
     started = time.perf_counter()
-    write_synthetic(options.out, shapes, options.variant, options.seed, options.relative_delta)
+    write_synthetic(
+        options.out,
+        shapes,
+        options.variant,
+        options.seed,
+        options.relative_delta,
+        noise_seed=options.noise_seed,
+        dtype=parse_dtype(options.dtype),
+    )
     seconds = time.perf_counter() - started
     size = options.out.stat().st_size
     logger.info(
