@@ -13,18 +13,12 @@ Keys are named as in the model's own ``state_dict`` (``double_blocks.0.img_attn.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import math
-import os
 import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from sdxl_shapes import parse_options, write_shape_table
 
 SHAPES_PATH = Path(__file__).with_name("flux_unet_shapes.json")
-DEFAULT_COMFYUI = Path(__file__).resolve().parents[1].parent / "shared" / "ComfyUI"
 
 # flux-dev, as comfy/model_detection.py detect_unet_config builds it for a Flux state dict with guidance_in
 FLUX_DEV_CONFIG = {
@@ -75,24 +69,10 @@ def shapes_from_comfyui(comfyui: Path) -> dict[str, tuple[int, ...]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", DEFAULT_COMFYUI)))
-    parser.add_argument("--out", type=Path, default=SHAPES_PATH)
-    options = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
+    options = parse_options(SHAPES_PATH, __doc__)
     shapes = shapes_from_comfyui(options.comfyui.resolve())
-    parameters = sum(math.prod(shape) for shape in shapes.values())
-    if parameters != EXPECTED_PARAMETERS:
-        raise RuntimeError(f"{parameters:,} parameters, expected {EXPECTED_PARAMETERS:,} (FLUX.1-dev)")
-    table = {
-        "model": "FLUX.1-dev transformer (ComfyUI comfy.ldm.flux.model.Flux, comfy/model_detection.py Flux config)",
-        "keys": len(shapes),
-        "parameters": parameters,
-        "shapes": {key: list(shape) for key, shape in shapes.items()},
-    }
-    options.out.write_text(json.dumps(table, indent=1) + "\n")
-    logger.info("%d keys, %s parameters → %s", len(shapes), f"{parameters:,}", options.out)
+    model = "FLUX.1-dev transformer (ComfyUI comfy.ldm.flux.model.Flux, comfy/model_detection.py Flux config)"
+    write_shape_table(shapes, options.out, EXPECTED_PARAMETERS, model)
 
 
 if __name__ == "__main__":

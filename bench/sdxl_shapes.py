@@ -88,25 +88,34 @@ def shapes_from_comfyui(comfyui: Path) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", DEFAULT_COMFYUI)))
-    parser.add_argument("--out", type=Path, default=SHAPES_PATH)
-    options = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    shapes = shapes_from_comfyui(options.comfyui.resolve())
+def write_shape_table(shapes: dict, out: Path, expected_parameters: int, model: str) -> None:
+    """Check the parameter count and write the key → shape table as JSON (shared with ``flux_shapes.py``)."""
     parameters = sum(math.prod(shape) for shape in shapes.values())
-    if parameters != EXPECTED_PARAMETERS:
-        raise RuntimeError(f"{parameters:,} parameters, expected {EXPECTED_PARAMETERS:,} (SDXL base 1.0)")
+    if parameters != expected_parameters:
+        raise RuntimeError(f"{parameters:,} parameters, expected {expected_parameters:,} ({model})")
     table = {
-        "model": "SDXL base UNet (ComfyUI UNetModel, comfy/model_detection.py SDXL config)",
+        "model": model,
         "keys": len(shapes),
         "parameters": parameters,
         "shapes": {key: list(shape) for key, shape in shapes.items()},
     }
-    options.out.write_text(json.dumps(table, indent=1) + "\n")
-    logger.info("%d keys, %s parameters → %s", len(shapes), f"{parameters:,}", options.out)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    logger.info("%d keys, %s parameters → %s", len(shapes), f"{parameters:,}", out)
+
+
+def parse_options(shapes_path: Path, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", DEFAULT_COMFYUI)))
+    parser.add_argument("--out", type=Path, default=shapes_path)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return parser.parse_args()
+
+
+def main() -> None:
+    options = parse_options(SHAPES_PATH, __doc__)
+    shapes = shapes_from_comfyui(options.comfyui.resolve())
+    model = "SDXL base UNet (ComfyUI UNetModel, comfy/model_detection.py SDXL config)"
+    write_shape_table(shapes, options.out, EXPECTED_PARAMETERS, model)
 
 
 if __name__ == "__main__":
