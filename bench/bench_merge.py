@@ -15,11 +15,14 @@ first; reported are the subprocess's wall time (Python start and imports include
 modules before merging (torch, this pack's ``merging``; sd-mecha's child adds sd-mecha), and the RSS after
 imports is recorded. sd-mecha is imported from ``--sdmecha`` (a ``pip install --target`` folder), never from
 the project's venv. A few keys of every output are checked against the merge's equations computed here.
+``--library DIR`` runs our children on another copy of ``merging/`` (``DIR/merging``: scratch experiments).
+Results are saved after every run, so an interrupted benchmark keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -34,6 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("DM_BENCH_LIBRARY"):  # --library: a scratch copy of merging/ for our children, imported
+    sys.path.insert(0, os.environ["DM_BENCH_LIBRARY"])  # before the helpers below put the repository first
+    importlib.import_module("merging")
 
 from bench_task_vector import _io_counters, _memory, drop_from_page_cache, spawn_measured
 from make_synthetic import CHECKPOINT_PREFIX, matches, select_keys, write_synthetic
@@ -56,11 +62,8 @@ VERIFIED_KEYS = 8
 # (tool, method, our parameters) for each SDXL configuration; sd-mecha builds its own recipe (mecha_recipe)
 SDXL_CASES = {
     "weighted": [("ours", "weighted", {"weights": list(WEIGHTS)}), ("sd-mecha", "weighted", {})],
-    "ties": [
-        ("ours", "ties", {"k": TIES_K}),
-        ("ours", "ties", {"k": TIES_K, "topk_scope": "per_tensor"}),
-        ("sd-mecha", "ties", {}),
-    ],
+    "ties": [("ours", "ties", {"k": TIES_K}), ("sd-mecha", "ties", {})],
+    "ties-per-tensor": [("ours", "ties", {"k": TIES_K, "topk_scope": "per_tensor"})],
 }
 
 
@@ -175,7 +178,7 @@ def input_paths(inputs: dict) -> tuple[Path, list[Path]]:
 # -- measuring ------------------------------------------------------------------------------------------
 
 
-def measured_run(kind: str, arguments: dict, threads: str, sdmecha: Path | None) -> dict:
+def measured_run(kind: str, arguments: dict, threads: str, options: argparse.Namespace) -> dict:
     """One cold-cache subprocess run of a child; its report plus wall time and wait4's resource usage."""
     for path in [arguments["base"], *arguments["finetuned"]]:
         drop_from_page_cache(Path(path))
@@ -184,7 +187,9 @@ def measured_run(kind: str, arguments: dict, threads: str, sdmecha: Path | None)
     if threads != "default":
         environment["OMP_NUM_THREADS"] = threads
     if kind == "sd-mecha":
-        environment["PYTHONPATH"] = str(sdmecha)
+        environment["PYTHONPATH"] = str(options.sdmecha)
+    elif options.library:
+        environment["DM_BENCH_LIBRARY"] = str(options.library.resolve())
     command = [sys.executable, __file__, "child", kind, json.dumps(arguments)]
     load_before = os.getloadavg()[0]
     code, stdout, stderr, wall, resources = spawn_measured(command, environment)
@@ -192,6 +197,7 @@ def measured_run(kind: str, arguments: dict, threads: str, sdmecha: Path | None)
         raise RuntimeError(f"{kind} merge failed (exit {code}):\n{stderr[-4000:]}")
     run = json.loads(stdout.strip().splitlines()[-1])
     run.update(threads=threads, wall_s=wall, load_average_1min=[load_before, os.getloadavg()[0]], **resources)
+    run["environment"] = {k: v for k, v in environment.items() if k.startswith(("MALLOC_", "DM_BENCH_"))}
     return run
 
 
@@ -216,6 +222,15 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def add_run(options: argparse.Namespace, result: dict, run: dict, group: Sequence[str] | None = None) -> None:
+    """Record a run (and, with ``group``, the best per group) and save the results so far."""
+    result["runs"].append(run)
+    if group:
+        result["best"] = best_of(result["runs"], group)
+    options.results_path.parent.mkdir(parents=True, exist_ok=True)
+    options.results_path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def best_of(runs: list[dict], group: Sequence[str]) -> list[dict]:
@@ -291,15 +306,18 @@ def bench_sdxl(options: argparse.Namespace) -> dict:
     inputs = ensure_inputs(options.work_dir, "sdxl", shapes, 3, torch.float16, options.relative_delta)
     base, finetuned = input_paths(inputs)
     tools = options.tools.split(",")
-    runs = []
+    result = sdxl_result(shapes, inputs, base, finetuned)
     for threads in options.threads.split(","):
         for repeat in range(options.repeats):
             for method in options.methods.split(","):
                 for tool, our_method, params in SDXL_CASES[method]:
-                    if tool not in tools:
-                        continue
-                    runs.append(sdxl_run(options, tool, our_method, params, threads, base, finetuned, shapes))
-                    runs[-1]["repeat"] = repeat + 1
+                    if tool in tools:
+                        run = sdxl_run(options, tool, our_method, params, threads, base, finetuned, shapes)
+                        add_run(options, result, {**run, "repeat": repeat + 1}, ("tool", "method", "scope", "threads"))
+    return result
+
+
+def sdxl_result(shapes: dict, inputs: dict, base: Path, finetuned: list[Path]) -> dict:
     return {
         "benchmark": "SDXL merge-and-save from files: ours (merging.merge_checkpoint_files) vs sd-mecha",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -314,8 +332,7 @@ def bench_sdxl(options: argparse.Namespace) -> dict:
             "output": "fp16; merge arithmetic in fp32 (both)",
         },
         "generation": inputs,
-        "runs": runs,
-        "best": best_of(runs, ("tool", "method", "scope", "threads")),
+        "runs": [],
     }
 
 
@@ -332,7 +349,7 @@ def sdxl_run(options, tool: str, method: str, params: dict, threads: str, base, 
         "dtype": "fp16",
     }
     logger.info("%s %s (%s), threads=%s …", tool, method, scope, threads)
-    run = measured_run(tool, arguments, threads, options.sdmecha)
+    run = measured_run(tool, arguments, threads, options)
     run.update(tool=tool, method=method, scope=scope, params=params)
     run["verified"] = verify(out, base, finetuned, checked_keys(shapes), method, scope)
     out.unlink()
@@ -387,7 +404,16 @@ def bench_drm(options: argparse.Namespace) -> dict:
     name = "sdxl" if options.full else "sdxl-drm-subset"
     inputs = ensure_inputs(options.work_dir, name, shapes, 3, torch.float16, options.relative_delta)
     base, finetuned = input_paths(inputs)
-    runs = []
+    result = {
+        "benchmark": "DRM merge-and-save from files (merging.merge_checkpoint_files, CPU)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "measured_keys": "all" if options.full else "one key per (shape, SVD branch or not) class",
+        "sizes": sizes(shapes, base, finetuned),
+        "full_parameters": sum(math.prod(s) for s in full_shapes.values()),
+        "generation": inputs,
+        "runs": [],
+    }
     for direction in options.directions.split(","):
         out = options.work_dir / f"merged_drm_{direction}.safetensors"
         arguments = {
@@ -399,21 +425,12 @@ def bench_drm(options: argparse.Namespace) -> dict:
             "dtype": "fp16",
         }
         logger.info("DRM direction=%s on %d keys, threads=%s …", direction, len(shapes), options.threads)
-        run = measured_run("drm", arguments, options.threads, None)
+        run = measured_run("drm", arguments, options.threads, options)
         out.unlink()
         run.update(direction=direction, extrapolated=extrapolate(run, shapes, full_shapes))
         log_run(f"drm {direction}", run)
-        runs.append(run)
-    return {
-        "benchmark": "DRM merge-and-save from files (merging.merge_checkpoint_files, CPU)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "measured_keys": "all" if options.full else "one key per (shape, SVD branch or not) class",
-        "sizes": sizes(shapes, base, finetuned),
-        "full_parameters": sum(math.prod(s) for s in full_shapes.values()),
-        "generation": inputs,
-        "runs": runs,
-    }
+        add_run(options, result, run)
+    return result
 
 
 def one_key_per_shape(shapes: dict) -> dict:
@@ -426,8 +443,9 @@ def one_key_per_shape(shapes: dict) -> dict:
 
 def extrapolate(run: dict, shapes: dict, full_shapes: dict) -> dict:
     """Full-model estimate: each 2-D weight at its shape's measured SVD-branch time, the rest (reads, the
-    raw branch, the save, start-up) scaled by parameter count from what the measured run spent outside the
-    SVD branch. Exact when ``shapes`` is the full model; None when a 2-D shape was not measured (``--keys``)."""
+    raw branch, the save) scaled by parameter count from what the measured merge spent outside the SVD
+    branch, plus the measured start-up. Exact when ``shapes`` is the full model; None when a 2-D shape was
+    not measured (``--keys``)."""
     per_shape: dict[tuple, list[float]] = {}
     for shape, seconds in run["matrix_s"]:
         per_shape.setdefault(tuple(shape), []).append(seconds)
@@ -438,7 +456,8 @@ def extrapolate(run: dict, shapes: dict, full_shapes: dict) -> dict:
     matrix_full = sum(sum(per_shape[s]) / len(per_shape[s]) for s in linear_full)
     params = sum(math.prod(s) for s in shapes.values())
     full_params = sum(math.prod(s) for s in full_shapes.values())
-    other = max(0.0, run["wall_s"] - matrix_measured) * full_params / params
+    start_up = run["wall_s"] - run["merge_s"]  # Python start and imports: paid once at any size
+    other = max(0.0, run["merge_s"] - matrix_measured) * full_params / params + start_up
     return {
         "svd_branch_s": matrix_full,
         "other_s": other,
@@ -473,7 +492,15 @@ def bench_flux(options: argparse.Namespace) -> dict:
     stored = parse_dtype(options.input_dtype)
     inputs = ensure_inputs(options.work_dir, "flux", shapes, 2, stored, options.relative_delta)
     base, finetuned = input_paths(inputs)
-    runs = []
+    result = {
+        "benchmark": "FLUX.1-dev-shaped TIES merge (global top-k) of 2 fine-tunes from files",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "sizes": {**sizes(shapes, base, finetuned), "input_dtype": options.input_dtype},
+        "merge": f"θ₀ + TIES(θᵢ − θ₀): k = {TIES_K} over the whole model, sign by mass, disjoint mean",
+        "generation": inputs,
+        "runs": [],
+    }
     for dtype in options.out_dtypes.split(","):
         for repeat in range(options.repeats):
             out = options.work_dir / f"merged_flux_{dtype}.safetensors"
@@ -486,21 +513,13 @@ def bench_flux(options: argparse.Namespace) -> dict:
                 "dtype": dtype,
             }
             logger.info("Flux TIES → %s, threads=%s …", dtype, options.threads)
-            run = measured_run("ours", arguments, options.threads, None)
+            run = measured_run("ours", arguments, options.threads, options)
             run.update(out_dtype=dtype, repeat=repeat + 1, output_bytes=out.stat().st_size)
             run["verified"] = flux_check(out, base, checked_keys(shapes), parse_dtype(dtype))
             out.unlink()
             log_run(f"flux → {dtype}", run)
-            runs.append(run)
-    return {
-        "benchmark": "FLUX.1-dev-shaped TIES merge (global top-k) of 2 fine-tunes from files",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "sizes": {**sizes(shapes, base, finetuned), "input_dtype": options.input_dtype},
-        "merge": f"θ₀ + TIES(θᵢ − θ₀): k = {TIES_K} over the whole model, sign by mass, disjoint mean",
-        "generation": inputs,
-        "runs": runs,
-    }
+            add_run(options, result, run)
+    return result
 
 
 def flux_check(out: Path, base: Path, keys: list[str], dtype: torch.dtype) -> dict:
@@ -548,7 +567,7 @@ def parse_options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sdxl = commands.add_parser("sdxl", help="weighted + TIES merge-and-save, ours vs sd-mecha")
-    sdxl.add_argument("--methods", default="weighted,ties")
+    sdxl.add_argument("--methods", default="weighted,ties,ties-per-tensor", help=f"of {', '.join(SDXL_CASES)}")
     sdxl.add_argument("--tools", default="ours,sd-mecha")
     sdxl.add_argument("--threads", default="1,default", help="OMP_NUM_THREADS values to run (default = unset)")
     sdxl.add_argument("--repeats", type=int, default=1, help="runs per configuration (best wall is reported)")
@@ -568,6 +587,7 @@ def parse_options(argv: Sequence[str] | None = None) -> argparse.Namespace:
         command.add_argument("--relative-delta", type=float, default=delta, help="finetuned noise / weight scale")
         command.add_argument("--results", type=Path, default=None, help="results JSON")
         command.add_argument("--cleanup", action="store_true", help="delete the generated inputs afterwards")
+        command.add_argument("--library", type=Path, default=None, help="run our merges on DIR/merging instead")
     child = commands.add_parser("child", help=argparse.SUPPRESS)
     child.add_argument("kind", choices=CHILDREN)
     child.add_argument("arguments", type=json.loads)
@@ -581,13 +601,12 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bench, table = BENCHES[options.command]
-    result = bench(options)
-    full_size = options.keys is None
     default_results = RESULTS_DIR / f"merge_{options.command}.json"
-    results_path = options.results or (default_results if full_size else options.work_dir / default_results.name)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(result, indent=1) + "\n")
-    logger.info("results → %s", results_path)
+    full_size = options.keys is None and options.library is None
+    scratch_results = options.work_dir / default_results.name
+    options.results_path = options.results or (default_results if full_size else scratch_results)
+    result = bench(options)
+    logger.info("results → %s", options.results_path)
     if options.cleanup:
         for entry in result["generation"].values():
             Path(entry["path"]).unlink(missing_ok=True)

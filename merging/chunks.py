@@ -75,6 +75,13 @@ class TaskVectorSource:
     def fetch(self, key: str, device: torch.device) -> torch.Tensor | None:
         return self.vector.delta(key, device) if key in self.vector else None
 
+    def fetch_into(self, key: str, out: torch.Tensor) -> bool:
+        """Write the key's fp32 delta into ``out``; False (``out`` untouched) when the key is absent."""
+        if key not in self.vector:
+            return False
+        self.vector.delta_into(key, out)
+        return True
+
 
 def as_sources(task_vectors: Sequence[Mapping[str, torch.Tensor] | TaskVector]) -> list[DeltaSource]:
     """Wrap each task vector; warn when TaskVectors say they were extracted from different base models."""
@@ -200,6 +207,11 @@ def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, o
     Raises ValueError naming the task and key when a delta holds NaN/Inf.
     """
     for row, source in zip(out, sources, strict=True):
+        if device.type == "cpu" and hasattr(source, "fetch_into"):
+            for segment in chunk.segments:
+                if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
+                    row[segment.span].zero_()
+            continue
         parts = [source.fetch(segment.key, device) for segment in chunk.segments]
         if device.type != "cpu" and all(part is not None and part.dtype == parts[0].dtype for part in parts):
             flat = [part.reshape(-1) for part in parts]

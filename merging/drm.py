@@ -3,7 +3,7 @@
 papers.md §4.1: stack the N deltas of a 2-D weight, take one joint SVD, renormalise each model's block of
 the basis, trim jointly by magnitude, elect signs and take the disjoint mean of the per-model coordinates,
 and map the merged coordinates back through the shared basis. Parameters that are not 2-D weights take the
-TIES-like branch in :mod:`merging.merge`. Deviations from the official code (documented in MERGING.md):
+TIES-like branch in :mod:`merging.merge`. Deviations from the official code (README, "Conventions"):
 
 * a model whose delta of this weight is exactly zero (a layer a LoRA never touched) is left out of the SVD
   — exactly what the SVD of the full stack would give in exact arithmetic, where its basis block is zero —

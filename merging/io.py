@@ -5,6 +5,13 @@ instead of memory-mapping the whole file: a memory map keeps every page it touch
 process, so streaming two SDXL checkpoints through ``safe_open`` would grow the resident set to the size
 of both files. Nothing here unpickles anything; a file that is not safetensors is refused.
 
+Streaming reads (a tensor read into a reused buffer: task-vector extraction, merges from files) drop the
+pages they read from the page cache right behind them (``posix_fadvise(DONTNEED)``). A merge reads inputs
+larger than RAM once or twice, so the cache would rarely serve a second read, and keeping it full makes the
+kernel reclaim pages during every read: on the 2-core benchmark machine a cold 5.1 GB read took 21.4 s
+(8.5 s system time) through a growing cache and 4.2 s (0.8 s) with drop-behind. Each file keeps one
+descriptor, so the kernel's readahead follows a streaming pass from tensor to tensor.
+
 The writer knows every key's dtype and shape in advance (task vectors and merges know them without
 computing anything), writes the header first and then each tensor as it is produced, into a temporary
 file that replaces the target only when complete.
@@ -12,11 +19,13 @@ file that replaces the target only when complete.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -39,6 +48,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+DROP_BEHIND_MIN_BYTES = 1 << 20
 
 
 class NotSafetensorsError(ValueError):
@@ -48,11 +58,16 @@ class NotSafetensorsError(ValueError):
 class SafetensorsFile(Mapping[str, torch.Tensor]):
     """A read-only key→tensor mapping over a safetensors file; each lookup reads one tensor from disk."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, drop_behind: bool = True):
+        """``drop_behind``: after a large tensor is read into a caller's buffer (the streaming paths), tell
+        the kernel its pages are no longer needed (see the module notes)."""
+        self._handle: io.BufferedReader | None = None
+        self._lock = threading.Lock()
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such file: '{self.path}'")
         self._entries, self.metadata, self._data_start = _read_header(self.path)
+        self.drop_behind = drop_behind and hasattr(os, "posix_fadvise")
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
@@ -92,14 +107,39 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             raise KeyError(f"'{self.path.name}' has no tensor '{key}'") from None
 
     def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ReadBuffer | None = None) -> torch.Tensor:
-        size = end - begin
+        start, size = self._data_start + begin, end - begin
         raw = buffer.take(size) if buffer is not None else torch.empty(size, dtype=torch.uint8)
         if size:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._data_start + begin)
+            with self._lock:
+                handle = self._open()
+                handle.seek(start)
                 if handle.readinto(raw.numpy()) != size:
                     raise NotSafetensorsError(f"'{self.path.name}' is truncated")
+                if buffer is not None and self.drop_behind and size >= DROP_BEHIND_MIN_BYTES:
+                    os.posix_fadvise(handle.fileno(), start, size, os.POSIX_FADV_DONTNEED)
         return raw.view(dtype).reshape(shape)
+
+    def _open(self) -> io.BufferedReader:
+        """One open file for all reads, so the kernel's readahead follows a pass from tensor to tensor.
+        On Windows an open file cannot be replaced or deleted, so there each read opens it anew."""
+        if self._handle is None or os.name == "nt":
+            self.close()
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
 
 class ReadBuffer:
@@ -116,6 +156,19 @@ class ReadBuffer:
         if self._bytes.numel() < size:
             self._bytes = torch.empty(size, dtype=torch.uint8)
         return self._bytes[:size]
+
+
+def as_float32(tensor: torch.Tensor, buffer: ReadBuffer) -> torch.Tensor:
+    """``tensor`` in fp32: itself, or on the CPU a copy in ``buffer`` (valid until the buffer's next use).
+
+    Upcast explicitly before mixing dtypes: on the CPU an in-place ``fp32.sub_(fp16)`` allocates a hidden
+    fp32 copy of the fp16 operand and runs ~7x slower than ``copy_`` into reused memory + an fp32 op.
+    """
+    if tensor.dtype == torch.float32:
+        return tensor
+    if tensor.device.type != "cpu":
+        return tensor.to(torch.float32)
+    return buffer.take(tensor.numel() * 4).view(torch.float32).view(tensor.shape).copy_(tensor)
 
 
 def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ReadBuffer) -> torch.Tensor:

@@ -17,6 +17,7 @@ concatenated beyond one chunk. Which stages a method uses is data, in :mod:`merg
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -49,10 +50,11 @@ def merge_task_vectors(task_vectors: TaskVectors, method: str, **params: Any) ->
     ``task_vectors`` is a sequence of key→tensor mappings (dicts, lazy file mappings) or
     :class:`~merging.TaskVector` objects; a key absent from some of them counts as a zero delta there.
     ``method`` is one of "weighted", "ties", "dare", "las", "drm"; parameters and conventions are in
-    ``merging/MERGING.md``. Add the result to the base weights to get the merged model
-    (:func:`merging.apply_task_vector`). Accepts ``device=`` and ``chunk_numel=`` like :func:`iter_merged`.
+    the README (sections "Methods and parameters", "Conventions"). Add the result to the base weights to
+    get the merged model (:func:`merging.apply_task_vector`). Accepts ``device=`` and ``chunk_numel=`` like
+    :func:`iter_merged`.
     """
-    return {key: delta.to("cpu") for key, delta in iter_merged(task_vectors, method, **params)}
+    return {key: delta.to("cpu", copy=True) for key, delta in iter_merged(task_vectors, method, **params)}
 
 
 def iter_merged(
@@ -69,7 +71,7 @@ def iter_merged(
 
     Work runs on ``device`` (default :func:`merging.device.best_device`). Keys are processed in chunks of
     about ``chunk_numel`` entries per task, so memory holds one chunk and never the whole model; yielded
-    tensors may be views of their chunk's buffer (clone one to keep it apart). ``progress(done, total)``
+    tensors are views of a buffer that the next chunk reuses (clone one to keep it). ``progress(done, total)``
     is called after each chunk, counting keys over every pass (global trims read the model up to twice
     before the merge pass). ``should_stop()`` is called before each chunk: it may raise (ComfyUI's
     ``throw_exception_if_processing_interrupted``) or return True, which raises :class:`MergeCancelled`.
@@ -115,7 +117,7 @@ class _MergeRun:
         thresholds = self._global_thresholds() if self.global_trim else None
         for chunk in plan_chunks(self.shapes, list(self.shapes), self.chunk_numel):
             stack = self._gather(chunk)
-            out = torch.empty(chunk.numel, dtype=torch.float32, device=self.device)
+            out = self.scratch.get("out", (chunk.numel,))  # yielded views: valid until the next chunk
             if self.config.method.basis == "svd":
                 self._merge_per_key(stack, out, chunk, thresholds)
             else:
@@ -139,8 +141,13 @@ class _MergeRun:
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
         rank = self._rule.rank(self.config.keep, entries)
 
+        passes = itertools.count()
+
         def stacks() -> Iterator[torch.Tensor]:
-            for chunk in chunks:
+            # The histograms do not depend on order. The first pass walks the keys backwards, so the merge
+            # pass, which walks them forwards, starts on what this pass left in the page cache: inputs larger
+            # than RAM are otherwise read from disk in full by every pass.
+            for chunk in reversed(chunks) if next(passes) == 0 else chunks:
                 yield self._gather(chunk)
                 self._advance(len(chunk.segments))
 

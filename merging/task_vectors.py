@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import best_device
-from .io import ReadBuffer, read_tensor, shape_of
+from .io import ReadBuffer, as_float32, read_tensor, shape_of
 from .keys import fingerprint, select_keys
 
 logger = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("error", "skip")
-_PROMOTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class DeltaLeaf(ABC):
@@ -70,7 +69,7 @@ class Difference(DeltaLeaf):
         self.finetuned, self.base, self.names = finetuned, base, names
         self._keys = list(finetuned.keys()) if keys is None else list(keys)
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
-        self._buffers = (ReadBuffer(), ReadBuffer())
+        self._buffers = (ReadBuffer(), ReadBuffer(), ReadBuffer())
 
     def keys(self) -> Sequence[str]:
         return self._keys
@@ -79,12 +78,17 @@ class Difference(DeltaLeaf):
         return self._shapes[key]
 
     def compute(self, key: str, device: torch.device) -> torch.Tensor:
-        finetuned_buffer, base_buffer = self._buffers
+        finetuned_buffer, base_buffer, upcast_buffer = self._buffers
         delta = read_tensor(self.finetuned, key, finetuned_buffer).to(device=device, dtype=torch.float32, copy=True)
         base = read_tensor(self.base, key, base_buffer).to(device=device)
-        if base.dtype not in _PROMOTABLE:  # fp8 takes no part in type promotion
-            base = base.to(torch.float32)
-        return delta.sub_(base)  # fp16/bf16 are upcast inside the kernel, without an fp32 copy
+        return delta.sub_(as_float32(base, upcast_buffer))
+
+    def compute_into(self, key: str, out: torch.Tensor) -> None:
+        """finetuned − base written into ``out`` (fp32, the key's shape) without a fresh fp32 tensor."""
+        finetuned_buffer, base_buffer, upcast_buffer = self._buffers
+        out.copy_(read_tensor(self.finetuned, key, finetuned_buffer))
+        base = read_tensor(self.base, key, base_buffer).to(device=out.device)
+        out.sub_(as_float32(base, upcast_buffer))
 
     def describe(self) -> dict:
         return {"op": self.label, "finetuned": self.names[0], "base": self.names[1]}
@@ -216,6 +220,20 @@ class TaskVector:
         device = torch.device(device) if device is not None else best_device()
         with torch.no_grad():
             return self._sum_of_terms(key, device)
+
+    def delta_into(self, key: str, out: torch.Tensor) -> None:
+        """Write the fp32 delta of one key into ``out`` (its shape, on its device).
+
+        A plain difference (one term, coefficient 1, non-finite values raising) is computed in place; its
+        NaN/Inf check is left to the caller, which checks whole chunks (:func:`merging.chunks.gather`).
+        """
+        terms = [(c, leaf) for c, leaf in self.terms if c != 0.0 and key in leaf]
+        with torch.no_grad():
+            plain = len(terms) == 1 and terms[0][0] == 1.0 and isinstance(terms[0][1], Difference)
+            if plain and self.nonfinite == "error":
+                terms[0][1].compute_into(key, out)
+                return
+            out.copy_(self._sum_of_terms(key, out.device))
 
     def _sum_of_terms(self, key: str, device: torch.device) -> torch.Tensor:
         total = None

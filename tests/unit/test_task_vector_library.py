@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from diffusion_merge import merging
-from diffusion_merge.merging.io import NotSafetensorsError, SafetensorsFile, write_safetensors
+from diffusion_merge.merging.io import NotSafetensorsError, ReadBuffer, SafetensorsFile, write_safetensors
 from diffusion_merge.merging.keys import architecture_fingerprint, unet_key_map
 from diffusion_merge.merging.task_vector_files import saved_key
 from diffusion_merge.merging.task_vectors import block_name
@@ -167,6 +167,27 @@ def test_reader_matches_safetensors(tmp_path, dtype):
         assert file.dtype_of(key) == dtype and file.shape_of(key) == tuple(tensor.shape)
         assert torch.equal(file[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key
     assert torch.equal(file.head("diffusion_model.out.2.weight", 3), tensors["diffusion_model.out.2.weight"][0, :3])
+
+
+@pytest.mark.parametrize("drop_behind", [True, False])
+def test_streaming_reads_match_and_drop_only_large_buffered_tensors_behind(tmp_path, monkeypatch, drop_behind):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(3, torch.float32), (600_001, torch.float16), (262_145, torch.float32), (1 << 20, torch.float8_e4m3fn)]
+    tensors = {f"t{i}": torch.randn(n, generator=generator).to(dtype) for i, (n, dtype) in enumerate(sizes)}
+    safetensors.torch.save_file(tensors, tmp_path / "m.safetensors")
+    dropped = []
+    if hasattr(os, "posix_fadvise"):
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, size, advice: dropped.append(size))
+    file, buffer = SafetensorsFile(tmp_path / "m.safetensors", drop_behind=drop_behind), ReadBuffer()
+    for _ in range(2):  # the second round reuses the buffer's memory and the open file
+        for key, tensor in tensors.items():
+            read = file.read(key, buffer)
+            assert read.dtype == tensor.dtype and torch.equal(read.view(torch.uint8), tensor.view(torch.uint8)), key
+    assert torch.equal(file["t1"], tensors["t1"])  # a plain lookup: its own memory, never dropped
+    large = [tensor.numel() * tensor.element_size() for tensor in tensors.values()][1:]
+    expected = 2 * large if drop_behind and hasattr(os, "posix_fadvise") else []
+    assert dropped == expected
+    file.close()
 
 
 def test_writer_output_loads_with_safetensors(tmp_path):
