@@ -138,7 +138,7 @@ class Graph:
             kind, opts = specs[name]
             value = inputs.get(name, _DEFAULT)
             values.append(default_value(kind, opts) if value is _DEFAULT or isinstance(value, Output) else value)
-            values += ui_only_values(opts)
+            values += ui_only_values(name, kind, opts)
         return values
 
 

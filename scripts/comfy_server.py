@@ -193,10 +193,13 @@ class ComfyServer:
             raise ServerError(f"GET {path}: HTTP {status}: {content[:2000].decode(errors='replace')}")
         return json.loads(content)
 
-    def post_prompt(self, prompt: dict, extra_data: dict | None = None) -> str:
+    def post_prompt(self, prompt: dict, extra_data: dict | None = None, client_id: str | None = None) -> str:
         """Queue an API-format prompt; returns its prompt id. A rejected prompt raises ``ServerError``
-        carrying the server's error and per-node errors."""
-        body = {"prompt": prompt, "client_id": str(uuid.uuid4()), **({"extra_data": extra_data} if extra_data else {})}
+        carrying the server's error and per-node errors. ``client_id``: the websocket client (an open
+        editor) that receives the run's progress and node results."""
+        body = {"prompt": prompt, "client_id": client_id or str(uuid.uuid4())}
+        if extra_data:
+            body["extra_data"] = extra_data
         status, content = self.fetch("/prompt", body)
         if status != 200:
             raise ServerError(f"prompt rejected (HTTP {status}): {content[:4000].decode(errors='replace')}")

@@ -15,6 +15,7 @@ from pathlib import PurePath
 from typing import Any
 
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+SEED_NAMES = frozenset({"seed", "noise_seed"})  # INT widgets the editor gives a "control after generate" widget
 # Editor-only node types that never reach the server (a PrimitiveNode's value is stored in its target widget).
 UI_ONLY_TYPES = frozenset({"Note", "MarkdownNote", "PrimitiveNode"})
 # Values of the extra widgets an upload button adds, stored after the widget's own value (as the editor
@@ -55,25 +56,30 @@ def is_widget(kind: str, options: dict) -> bool:
     return kind in WIDGET_TYPES and not options.get("forceInput", False)
 
 
-def ui_only_values(options: dict) -> list[Any]:
+def ui_only_values(name: str, kind: str, options: dict) -> list[Any]:
     """The UI-only values the editor stores after a widget's own value, as a fresh node has them:
     the "control after generate" choice (we default to "fixed", not the editor's "randomize", so
     examples are reproducible) and the values of the extra widgets an upload button adds."""
-    values: list[Any] = ["fixed"] if options.get("control_after_generate") else []
+    values: list[Any] = ["fixed"] if has_generate_control(name, kind, options) else []
     for key, extra in UPLOAD_EXTRA_VALUES.items():
         if options.get(key):
             values += extra
     return values
 
 
-def extra_value_count(options: dict) -> int:
-    """How many UI-only values the editor stores after this widget's own value."""
-    return len(ui_only_values(options))
+def has_generate_control(name: str, kind: str, options: dict) -> bool:
+    """Whether the editor adds a "control after generate" widget: the input asks for one, or (the
+    frontend's legacy rule) it is an INT named ``seed`` or ``noise_seed`` that does not say otherwise."""
+    if "control_after_generate" in options:
+        return bool(options["control_after_generate"])
+    return kind == "INT" and name in SEED_NAMES
 
 
 def widget_layout(info: dict) -> list[tuple[str, int]]:
     """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order."""
-    return [(name, extra_value_count(opts)) for name, kind, opts in input_specs(info) if is_widget(kind, opts)]
+    return [
+        (name, len(ui_only_values(name, kind, opts))) for name, kind, opts in input_specs(info) if is_widget(kind, opts)
+    ]
 
 
 def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:

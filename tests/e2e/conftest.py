@@ -44,6 +44,12 @@ def workflows() -> ModuleType:
 
 
 @pytest.fixture(scope="session")
+def browser_script() -> ModuleType:
+    """``scripts/browser.py``: ``Editor`` (ComfyUI's frontend in headless Chromium) and ``chromium_path``."""
+    return load_script("browser")
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, comfyui_install, comfy_server):
     """A started ComfyUI server: ``url``, ``output_dir``, ``pack_folder`` (the pack's folder name as
     ComfyUI sees it), ``get(path)``, ``fetch(path)``, ``post_prompt(prompt) -> prompt_id`` and

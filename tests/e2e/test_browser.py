@@ -1,0 +1,142 @@
+"""The pack in ComfyUI's real frontend, driven in headless Chromium (``scripts/browser.py``).
+
+Checks what an artist sees: the editor loads our extensions without errors, every DM_ node can be added
+from the node search, every shipped workflow opens with no missing node or widget, saves back unchanged
+and, converted by the editor itself, queues to success on the tiny demo models; the σ-range preview and
+the SuperDiff κ plot draw. Screenshots are kept in ``test-artifacts/browser/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.server
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+ARTIFACTS = PACK_ROOT / "test-artifacts" / "browser"
+SERIES_COLORS = [(0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B)]  # the first two colours of routing.js / superdiff.js
+
+
+@pytest.fixture(scope="module")
+def editor(server, browser_script):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with browser_script.Editor(server.url) as opened:
+        yield opened
+
+
+def our_errors(editor, server) -> list:
+    """Console errors and uncaught exceptions that come from the pack's own scripts."""
+    ours = f"/extensions/{server.pack_folder}/"
+    return [m for m in editor.messages if m.kind in ("error", "pageerror") and m.mentions(ours)]
+
+
+def colored_pixels(png: bytes, color: tuple[int, int, int], tolerance: int = 12) -> int:
+    """How many pixels of a screenshot are within ``tolerance`` of ``color`` on every channel."""
+    pixels = numpy.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=numpy.int16)
+    return int((numpy.abs(pixels - numpy.array(color, dtype=numpy.int16)) <= tolerance).all(axis=-1).sum())
+
+
+def node_ids_of_type(loaded: dict, node_type: str) -> list[int]:
+    return [node["id"] for node in loaded["nodes"] if node["type"] == node_type]
+
+
+def queue_and_wait(server, editor, workflows, comfy_server) -> dict:
+    """Queue the open graph as the editor converts it (tiny demo models swapped in) and wait for it."""
+    prompt = workflows.use_demo_models(editor.graph_to_prompt())
+    entry = server.wait(server.post_prompt(prompt, client_id=editor.client_id()), timeout=300)
+    error = comfy_server.execution_error(entry)
+    assert entry["status"]["status_str"] == "success", json.dumps(error, indent=1)[:3000]
+    return entry
+
+
+# -- the editor ---------------------------------------------------------------------------------------
+
+
+def test_editor_loads_our_extensions_without_errors(editor, server):
+    names = editor.evaluate("() => app.extensions.map((e) => e.name)")
+    expected = {"diffusion_merge.node_results", "diffusion_merge.superdiff_plot", "diffusion_merge.sigma_preview"}
+    assert expected <= set(names), f"extensions registered: {sorted(n for n in names if 'diffusion' in n)}"
+    assert not our_errors(editor, server), our_errors(editor, server)
+
+
+def test_every_pack_node_can_be_added_from_the_node_search(editor, object_info, workflows):
+    missing = []
+    for node_id, info in sorted(object_info.items()):
+        if not node_id.startswith("DM_"):
+            continue
+        added = editor.add_node_from_search(node_id)
+        wanted = [name for name, _extra in workflows.widget_layout(info)]
+        if len(added) != 1 or added[0][0] != node_id or not set(wanted) <= set(added[0][1]):
+            missing.append((node_id, added, wanted))
+    editor.clear()
+    assert not missing, f"not added with the expected widgets: {missing}"
+
+
+# -- the shipped workflows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[path.stem for path in WORKFLOWS])
+def test_example_workflow_opens_round_trips_and_queues(path, editor, server, workflows, comfy_server):
+    workflow = json.loads(path.read_text())
+    loaded = editor.load_workflow(workflow)
+
+    unknown = [node["type"] for node in loaded["nodes"] if not node["registered"]]
+    assert not unknown, f"missing node types: {unknown}"
+    saved = {node["id"]: node.get("widgets_values") for node in loaded["saved"]["nodes"]}
+    drift = {
+        node["id"]: (node.get("widgets_values"), saved.get(node["id"]))
+        for node in workflow["nodes"]
+        if node.get("widgets_values") != saved.get(node["id"])
+    }
+    assert not drift, f"widgets_values changed by load + save: {drift}"
+    assert len(loaded["saved"]["links"]) == len(workflow["links"])
+
+    queue_and_wait(server, editor, workflows, comfy_server)
+    assert not our_errors(editor, server), our_errors(editor, server)
+
+
+# -- what our extensions draw -------------------------------------------------------------------------
+
+
+def test_sigma_preview_draws_the_experts_over_the_schedule(editor, server):
+    loaded = editor.load_workflow(
+        json.loads((PACK_ROOT / "example_workflows" / "routing_two_experts.json").read_text())
+    )
+    (routed,) = node_ids_of_type(loaded, "DM_RoutedModel")
+    editor.fit_view([routed])
+    editor.page.wait_for_function(
+        "(id) => app.graph.getNodeById(id).dmPreview?.data?.sigmas?.length > 0", arg=routed, timeout=15_000
+    )
+    editor.settle()
+    png = editor.page.screenshot(clip=editor.node_box(routed))
+    (ARTIFACTS / "sigma_preview.png").write_bytes(png)
+
+    first, second = (colored_pixels(png, color) for color in SERIES_COLORS)
+    assert first > 200 and second > 50, f"expert bars not drawn: {first}, {second} pixels"
+    saved = editor.evaluate("(id) => app.graph.getNodeById(id).serialize().widgets_values", routed)
+    assert saved == ["resident"], "the preview must not add a serialised widget value"
+
+
+def test_superdiff_plot_draws_after_a_run(editor, server, workflows, comfy_server):
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "superdiff_and_concepts.json").read_text())
+    loaded = editor.load_workflow(workflow)
+    plotting = node_ids_of_type(loaded, "DM_SuperDiffKSampler") + node_ids_of_type(loaded, "DM_SuperDiffTrace")
+    assert plotting, "the example has no node that plots κ"
+    queue_and_wait(server, editor, workflows, comfy_server)
+    node_id = plotting[0]
+    editor.page.wait_for_function("(id) => !!app.graph.getNodeById(id).dmSuperDiff", arg=node_id, timeout=15_000)
+    editor.fit_view([node_id])
+    png = editor.page.screenshot(clip=editor.node_box(node_id))
+    (ARTIFACTS / "superdiff_plot.png").write_bytes(png)
+
+    width, height = editor.evaluate("(id) => app.graph.getNodeById(id).size", node_id)
+    assert width >= 320 and height >= 300, f"the node did not grow to hold the plot: {width}×{height}"
+    kappa_lines = [colored_pixels(png, color, tolerance=40) for color in SERIES_COLORS]
+    assert min(kappa_lines) > 30, f"κ curves not drawn: {kappa_lines} pixels"
