@@ -268,6 +268,17 @@ def test_trainer_and_save_run_as_a_prompt(run_prompt, comfyui):
     assert (comfyui / "output" / "loras" / "prompt_expert_00001_.channel_projection.safetensors").is_file()
 
 
+def test_cancel_stops_training(tiny_sd15, dataset):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(tiny_sd15(0), dataset, steps=50)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 
 
