@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import checkpoints, demo, merge, routing, superdiff, task_vectors
+from . import checkpoints, demo, merge, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
 
 register_task_vector_folder()
@@ -13,6 +13,7 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *checkpoints.NODES,
     *routing.NODES,
     *superdiff.NODES,
+    *training.NODES,
     *demo.NODES,
 ]
 

@@ -14,9 +14,11 @@ import folder_paths
 import torch
 from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 
-from ..merging import ComputedDeltas, TaskVector, lora_delta
+from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
+from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
 from ..merging.io import RenamedMapping, SafetensorsFile
 from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX
+from . import projection
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +119,35 @@ class TaskVectorPatch(WeightAdapterBase):
 
 
 def apply_to_model(model, vector: TaskVector, strength: float):
-    """A clone of ``model`` with lazy patches adding ``strength · τ``; returns (clone, patched key count)."""
+    """A clone of ``model`` with lazy patches adding ``strength · τ``; returns (clone, patched key count).
+
+    Channel-projection keys (DeMe) are deltas W − I: the clone's projections become W + strength · τ, the
+    identity where the model had none.
+    """
     patched = model.clone()
     patches = {k: TaskVectorPatch(vector, k) for k in vector.keys() if k.startswith(UNET_PREFIX)}
     accepted = patched.add_patches(patches, strength)
-    return patched, len(accepted)
+    projection_keys = [k for k in vector.keys() if is_projection_key(k)]
+    if projection_keys:
+        projection.add_projection_deltas(patched, {k: vector.delta(k, "cpu") for k in projection_keys}, strength)
+    return patched, len(accepted) + len(projection_keys)
+
+
+def projection_task_vector(finetuned, base) -> TaskVector | None:
+    """τ of the channel projections two MODELs carry ((W_ft − I) − (W_base − I)); None when neither has any."""
+    tuned, original = projection.projections_of(finetuned), projection.projections_of(base)
+    if not tuned and not original:
+        return None
+    tuned_deltas, base_deltas = projection_deltas(tuned), projection_deltas(original)
+    deltas = {}
+    for key in sorted(set(tuned_deltas) | set(base_deltas)):
+        one, other = tuned_deltas.get(key), base_deltas.get(key)
+        if one is not None and other is not None and one.shape != other.shape:
+            raise ValueError(
+                f"projection '{key}' is {tuple(one.shape)} in the fine-tune but {tuple(other.shape)} in the base"
+            )
+        deltas[key] = (one if one is not None else 0) - (other if other is not None else 0)
+    return TaskVector(((1.0, StoredDeltas(deltas, "channel projections")),))
 
 
 def apply_to_clip(clip, vector: TaskVector, strength: float):
@@ -198,7 +224,12 @@ def lora_task_vector(path: str, model, clip=None) -> TaskVector:
         patched = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), model_key)
         return patched - base
 
-    return TaskVector(((1.0, ComputedDeltas(shapes, compute, Path(path).name)),), sources=(Path(path).name,))
+    vector = TaskVector(((1.0, ComputedDeltas(shapes, compute, Path(path).name)),), sources=(Path(path).name,))
+    companion = companion_path(path)
+    if companion.is_file():  # DeMe channel projections trained with the LoRA: their τ is W − I
+        deltas = projection_deltas(load_projections(companion))
+        vector = vector + TaskVector(((1.0, StoredDeltas(deltas, companion.name)),), sources=(companion.name,))
+    return vector
 
 
 def _is_plain_lora(adapter: LoRAAdapter) -> bool:

@@ -9,6 +9,7 @@ import comfy.model_management as mm
 from comfy_api.latest import io, ui
 
 from .. import merging
+from ..merging.channel_projection import is_companion_file
 from ..merging.task_vector_files import load_task_vector, save_task_vector, task_vector_from_files
 from ..merging.task_vectors import TaskVector, extract_task_vector, summarize
 from . import comfy_bridge as bridge
@@ -72,6 +73,9 @@ class TaskVectorFromModels(io.ComfyNode):
         )
         if (clip_finetuned is None) != (clip_base is None):
             raise ValueError("connect both clip_finetuned and clip_base, or neither")
+        projections = bridge.projection_task_vector(finetuned, base)
+        if projections is not None:
+            vector = vector + projections
         if clip_finetuned is not None:
             vector = vector + extract_task_vector(
                 bridge.clip_weights(clip_finetuned),
@@ -129,8 +133,9 @@ class TaskVectorFromLoRA(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "lora_name",
-                    options=bridge.safetensors_choices("loras"),
-                    tooltip="LoRA file (loras folder).",
+                    options=[n for n in bridge.safetensors_choices("loras") if not is_companion_file(n)],
+                    tooltip="LoRA file (loras folder). A channel-projection companion file beside it "
+                    "(<name>.channel_projection.safetensors, from Save Range Expert LoRA) is included as W − I.",
                 ),
                 io.Model.Input("model", tooltip="The base model the LoRA is for: maps LoRA names to model keys."),
                 io.Clip.Input(

@@ -619,6 +619,142 @@ def deme_ensemble(g: Graph) -> None:
     sample_and_save(g, 4, routed[0], base["CLIP"], base["VAE"], "deme_ensemble")
 
 
+DEME_TRAIN_NOTE = """\
+DeMe end to end: train four range experts of one base, merge them back into one model, route them by noise \
+range beside it (ensemble), and compare both with the base — the same seed and prompt for all three.
+
+1. Data. Your images as latents and their prompt: replace the "Training data" nodes with Load Image Dataset \
+from Folder → VAE Encode (encode the caption with the BASE's CLIP). Here a fine-tune paints four images as a \
+stand-in dataset, so the experts learn to move the base towards its look.
+
+2. Four "Train Range-Expert LoRA" nodes train the same base on the same data, each only on its quarter of the \
+noise schedule (timesteps 0–250, 250–500, 500–750, 750–1000), with DeMe's options: global sampling p = 0.3, \
+antithetic timesteps, consistency loss 1 and the loss on ε. Each draws its loss curve and the histogram of the \
+σ it drew. Steps are set for a GPU; the built-in demo trains a few steps only.
+
+3. Merge: τ = expert − base per expert, θ = θ_base + Σ w τ with DeMe's weights 0.1, 0.1, 0.2, 0.5 from the \
+low-noise to the high-noise expert (on the Stack nodes; they need not sum to 1).
+
+4. Ensemble: each expert serves only its own range while sampling (Route Expert ×4 → Route Experts by σ).
+
+"Save Range Expert LoRA" writes each expert to output/loras (a stock LoRA, plus a channel-projection companion \
+when channel_projection is on). Add a "Timestep Curriculum" or "Momentum Decay" node for CLTS / MDLRC.
+"""
+
+DEME_RANGES = ((0, 250), (250, 500), (500, 750), (750, 1000))  # low noise → high noise, as DeMe's weights
+DEME_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
+DEME_TRAINING = {
+    "range_unit": "timestep",
+    "global_probability": 0.3,
+    "antithetic": True,
+    "consistency_weight": 1.0,
+    "loss_space": "eps/v",
+    "loss_function": "MSE",
+    "steps": 500,
+    "batch_size": 2,
+    "grad_accumulation": 2,
+    "learning_rate": 0.0001,
+    "optimizer": "AdamW",
+    "rank": 16,
+    "algorithm": "LoRA",
+    "training_dtype": "bf16",
+    "lora_dtype": "bf16",
+    "gradient_checkpointing": True,
+    "channel_projection": False,
+    "grad_clip": 1.0,
+}
+FLOWER_FIELD = "a field of wild flowers under a stormy sky, oil painting, detailed, soft colours"
+
+
+def training_data(g: Graph, column: int, teacher: Node, prompt: str) -> Output:
+    """Four images a fine-tune paints for ``prompt``, as latents: a stand-in for a real image dataset."""
+    clip = teacher["CLIP"]
+    text = g.node("CLIPTextEncode", column, title="Training data: prompt", size=(400, 140), clip=clip, text=prompt)
+    negative = g.node("CLIPTextEncode", column, title="Training data: negative", clip=teacher["CLIP"], text="blurry")
+    empty = g.node("EmptyLatentImage", column, width=512, height=512, batch_size=4)
+    images = g.node(
+        "KSampler",
+        column,
+        title="Training data: images",
+        model=teacher["MODEL"],
+        positive=text[0],
+        negative=negative[0],
+        latent_image=empty[0],
+        seed=1,
+        steps=20,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    return images[0]
+
+
+def compare_samples(g: Graph, column: int, models: dict[str, Output], clip: Output, vae: Output, prompt: str) -> None:
+    """One KSampler per model with the same prompt, seed and latent; each image saved under its label."""
+    positive = g.node("CLIPTextEncode", column, title="Positive prompt", size=(400, 140), clip=clip, text=prompt)
+    negative = g.node("CLIPTextEncode", column, title="Negative prompt", clip=clip, text="blurry, low quality")
+    latent = g.node("EmptyLatentImage", column, width=512, height=512, batch_size=1)
+    for label, model in models.items():
+        sampled = g.node(
+            "KSampler",
+            column + 1,
+            title=f"Sample: {label}",
+            model=model,
+            positive=positive[0],
+            negative=negative[0],
+            latent_image=latent[0],
+            seed=42,
+            steps=20,
+            cfg=7.0,
+            sampler_name="euler",
+            scheduler="normal",
+            denoise=1.0,
+        )
+        image = g.node("VAEDecode", column + 2, samples=sampled[0], vae=vae)
+        g.node("SaveImage", column + 2, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{label}")
+
+
+def deme_train(g: Graph) -> None:
+    """DeMe end to end: four range experts trained from one base, merged (0.1/0.1/0.2/0.5) and routed."""
+    g.note(DEME_TRAIN_NOTE, column=0, size=(420, 720))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    teacher = g.node("CheckpointLoaderSimple", 0, title="Data painter", ckpt_name="dreamshaper_8.safetensors")
+    latents = training_data(g, 1, teacher, FLOWER_FIELD)
+    caption = g.node(
+        "CLIPTextEncode", 1, title="Caption (base CLIP)", size=(400, 140), clip=base["CLIP"], text=FLOWER_FIELD
+    )
+    experts, stack = [], None
+    for seed, ((low, high), weight) in enumerate(zip(DEME_RANGES, DEME_WEIGHTS, strict=True)):
+        label = f"t{low:03d}-{high:03d}"
+        trained = g.node(
+            "DM_TrainRangeExpertLoRA",
+            2,
+            title=f"Range expert {label}",
+            size=(360, 700),
+            model=base["MODEL"],
+            latents=latents,
+            positive=caption[0],
+            range_min=float(low),
+            range_max=float(high),
+            seed=seed,
+            **DEME_TRAINING,
+        )
+        g.node("DM_SaveRangeExpertLoRA", 3, lora=trained["lora"], filename_prefix=f"loras/deme_expert_{label}")
+        tau = g.node("DM_TaskVectorFromModels", 3, finetuned=trained["model_with_lora"], base=base["MODEL"])
+        inputs = {"task_vector": tau[0], "weight": weight} | ({"stack": stack} if stack is not None else {})
+        stack = g.node("DM_TaskVectorStack", 4, **inputs)[0]
+        experts.append((low, trained["model_with_lora"]))
+    merged = g.node("DM_MergeTaskArithmetic", 5, base=base["MODEL"], task_vectors=stack, lam=1.0)
+    chain = None
+    for low, model in reversed(experts):  # routing order: high noise first, each stops at its lower end
+        inputs = {"experts": chain} if chain is not None else {}
+        chain = g.node("DM_RouteExpert", 5, model=model, end=float(low), unit="timestep", cfg=0.0, **inputs)[0]
+    routed = g.node("DM_RoutedModel", 5, experts=chain, memory_mode="resident")
+    models = {"deme_base": base["MODEL"], "deme_merged": merged["MODEL"], "deme_routed": routed[0]}
+    compare_samples(g, 6, models, base["CLIP"], base["VAE"], FLOWER_FIELD)
+
+
 SUPERDIFF_AND_NOTE = """\
 SuperDiff AND: one image that is BOTH prompts at once (the paper's "a flamingo" AND "a candy cane").
 
@@ -741,6 +877,7 @@ WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "routing_two_experts": routing_two_experts,
     "routing_sdxl_refiner": routing_sdxl_refiner,
     "deme_ensemble": deme_ensemble,
+    "deme_train": deme_train,
     "superdiff_and_concepts": superdiff_and_concepts,
     "superdiff_or_models": superdiff_or_models,
 }

@@ -17,13 +17,13 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_PACKAGE = "diffusion_merge"
 
 
-def boot(comfyui: Path, work: Path) -> None:
-    """Put ComfyUI on ``sys.path`` for the CPU and redirect its writable folders into ``work``."""
+def boot(comfyui: Path, work: Path, cpu: bool = True) -> None:
+    """Put ComfyUI on ``sys.path`` (on the CPU unless ``cpu`` is False) and redirect its writable folders."""
     sys.dont_write_bytecode = True
     sys.path.insert(0, str(comfyui))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import folder_paths
     import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does: `nodes` shadows `utils`)
 

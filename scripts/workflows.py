@@ -30,6 +30,8 @@ MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 DEMO_LOADER = "DM_DemoCheckpointLoader"
 DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b", "finetune-c", "finetune-d")
 DEMO_LATENT_SIZE = 64
+DEMO_TRAINER = "DM_TrainRangeExpertLoRA"
+DEMO_TRAINING_STEPS = 4
 
 
 class WorkflowError(ValueError):
@@ -201,7 +203,8 @@ def use_demo_models(prompt: dict) -> dict:
 
     Every ``CheckpointLoaderSimple`` becomes the pack's tiny built-in ``DM_DemoCheckpointLoader``
     (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
-    else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64.
+    else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64, and
+    the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps.
     """
     demo = copy.deepcopy(prompt)
     finetunes = iter(DEMO_FINETUNE_VARIANTS)
@@ -218,4 +221,6 @@ def use_demo_models(prompt: dict) -> dict:
             for side in ("width", "height"):
                 if not isinstance(node["inputs"].get(side), list):  # a linked size stays linked
                     node["inputs"][side] = DEMO_LATENT_SIZE
+        elif node["class_type"] == DEMO_TRAINER and isinstance(node["inputs"].get("steps"), int):
+            node["inputs"]["steps"] = min(node["inputs"]["steps"], DEMO_TRAINING_STEPS)
     return demo

@@ -100,3 +100,14 @@ def test_use_demo_models_swaps_loaders_and_shrinks_latents(workflows):
         prompt[node_id] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{name}.safetensors"}}
     with pytest.raises(workflows.WorkflowError, match="fifth"):
         workflows.use_demo_models(prompt)
+
+
+def test_use_demo_models_caps_training_steps(workflows):
+    prompt = {
+        "1": {"class_type": "DM_TrainRangeExpertLoRA", "inputs": {"steps": 500, "seed": 0}},
+        "2": {"class_type": "DM_TrainRangeExpertLoRA", "inputs": {"steps": 2}},
+        "3": {"class_type": "DM_TrainRangeExpertLoRA", "inputs": {"steps": ["9", 0]}},
+    }
+    demo = workflows.use_demo_models(prompt)
+    assert [demo[i]["inputs"]["steps"] for i in "123"] == [workflows.DEMO_TRAINING_STEPS, 2, ["9", 0]]
+    assert prompt["1"]["inputs"]["steps"] == 500
