@@ -23,11 +23,14 @@ from typing import Any
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
-EDITOR_SETTINGS = {  # first-start dialogs and overlays that would cover the canvas
+EDITOR_SETTINGS = {  # no first-start dialog, no overlays on the canvas, full detail at any zoom
     "Comfy.TutorialCompleted": True,
     "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasMenu": False,
+    "Comfy.Graph.CanvasInfo": False,
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,
 }
-VIEWPORT = {"width": 1600, "height": 1000}
+VIEWPORT = {"width": 1920, "height": 1200}
 CANVAS_MARGIN = {"left": 70, "top": 80, "right": 10, "bottom": 10}  # side bar and top menu overlay the canvas
 READY_TIMEOUT_MS = 60_000
 

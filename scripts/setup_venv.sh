@@ -22,7 +22,7 @@ export COMFYUI_PATH
 CONSTRAINTS="$PACK_ROOT/../shared/ci/comfyui-0.3.64-constraints.txt"
 VENV="${VENV:-$PACK_ROOT/.venv}"
 export VENV
-packages=(torch==2.14.1 torchvision==0.29.1 -r "$COMFYUI_PATH/requirements.txt" requests pytest ruff)
+packages=(torch==2.14.1 torchvision==0.29.1 -r "$COMFYUI_PATH/requirements.txt" requests pytest ruff playwright)
 constraint_args=()
 [[ -f "$CONSTRAINTS" ]] && constraint_args=(-c "$CONSTRAINTS")
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command: set up the venv if needed, then lint, format check and the whole test suite
-# (unit, integration against ComfyUI in process, e2e against a real ComfyUI server).
+# (unit, integration against ComfyUI in process, e2e against a real ComfyUI server and in its frontend
+# in headless Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
+source scripts/setup_browser.sh   # chromium + Playwright for tests/e2e/test_browser.py
 
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 "$VENV/bin/ruff" check .

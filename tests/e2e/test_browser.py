@@ -48,8 +48,12 @@ def node_ids_of_type(loaded: dict, node_type: str) -> list[int]:
 
 
 def queue_and_wait(server, editor, workflows, comfy_server) -> dict:
-    """Queue the open graph as the editor converts it (tiny demo models swapped in) and wait for it."""
+    """Queue the open graph as the editor converts it (tiny demo models swapped in) and wait for it.
+    Files are saved under ``output/browser_test/`` so that other tests' output checks do not see them."""
     prompt = workflows.use_demo_models(editor.graph_to_prompt())
+    for node in prompt.values():
+        if isinstance(node["inputs"].get("filename_prefix"), str):
+            node["inputs"]["filename_prefix"] = f"browser_test/{node['inputs']['filename_prefix']}"
     entry = server.wait(server.post_prompt(prompt, client_id=editor.client_id()), timeout=300)
     error = comfy_server.execution_error(entry)
     assert entry["status"]["status_str"] == "success", json.dumps(error, indent=1)[:3000]

@@ -129,3 +129,19 @@ def test_web_extension_files_are_listed_and_served(server):
     assert listed == expected
     status, body = server.fetch(prefix + "js/diffusion_merge.js")
     assert status == 200 and body.strip()
+
+
+def test_every_example_workflow_has_a_served_thumbnail(server):
+    folder = urllib.parse.quote(server.pack_folder)
+    problems = []
+    for workflow in sorted((PACK_ROOT / "example_workflows").glob("*.json")):
+        thumbnail = workflow.with_suffix(".jpg")
+        if not thumbnail.is_file():
+            problems.append(f"{thumbnail.name}: missing (run scripts/make_thumbnails.py)")
+            continue
+        status, content = server.fetch(f"/api/workflow_templates/{folder}/{thumbnail.name}")
+        if status != 200 or content != thumbnail.read_bytes():
+            problems.append(f"{thumbnail.name}: not served (HTTP {status})")
+        elif not content.startswith(b"\xff\xd8\xff") or len(content) < 5_000:
+            problems.append(f"{thumbnail.name}: not a JPEG picture ({len(content)} bytes)")
+    assert not problems, "\n".join(problems)
