@@ -584,8 +584,8 @@ DEME_ENSEMBLE_NOTE = """\
 DeMe ensemble: four timestep-range experts of one base, each serving its own quarter of sampling.
 
 This is the alternative to DeMe's merge (see the deme_merge example): instead of adding the four range task \
-vectors into one model, each expert = base + its task vector runs only in its own range (0–25 %, 25–50 %, \
-50–75 %, 75–100 % of sampling). All four share the base's weights, so the router swaps task vectors in place at \
+vectors into one model, each expert = base + its task vector runs only in its own range: the t750–1000 expert \
+the first 25 % of sampling (the noisiest), then t500–750, t250–500 and t0–250 the last 25 %. All four share the base's weights, so the router swaps task vectors in place at \
 each boundary instead of holding four models.
 
 1. Put the base and its four range experts into models/checkpoints (names are placeholders), or load saved \
@@ -599,7 +599,7 @@ def deme_ensemble(g: Graph) -> None:
     g.note(DEME_ENSEMBLE_NOTE, column=0, size=(400, 460))
     base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
     experts = None
-    for index, lo in enumerate((0, 250, 500, 750)):
+    for index, lo in enumerate((750, 500, 250, 0)):  # the first expert serves the noisiest quarter
         name = f"sd15_deme_expert_t{lo:03d}-{lo + 250:03d}.safetensors"
         tuned = g.node("CheckpointLoaderSimple", 0, title=f"Range expert {index + 1}", ckpt_name=name)
         tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
