@@ -585,8 +585,8 @@ DeMe ensemble: four timestep-range experts of one base, each serving its own qua
 
 This is the alternative to DeMe's merge (see the deme_merge example): instead of adding the four range task \
 vectors into one model, each expert = base + its task vector runs only in its own range: the t750–1000 expert \
-the first 25 % of sampling (the noisiest), then t500–750, t250–500 and t0–250 the last 25 %. All four share the base's weights, so the router swaps task vectors in place at \
-each boundary instead of holding four models.
+the first 25 % of sampling (the noisiest), then t500–750, t250–500 and t0–250 the last 25 %. All four share \
+the base's weights, so the router swaps task vectors in place at each boundary instead of holding four models.
 
 1. Put the base and its four range experts into models/checkpoints (names are placeholders), or load saved \
 task vectors with "Load Task Vector" and feed them to the Route Task Vector Expert nodes directly.
