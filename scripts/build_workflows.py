@@ -397,13 +397,29 @@ def sample_and_save(
         "CLIPTextEncode", column, title="Negative prompt", size=(400, 160), clip=clip, text="blurry, low quality"
     )
     latent = g.node("EmptyLatentImage", column, width=512, height=512, batch_size=1)
+    ksample_and_save(g, column + 1, model, positive[0], negative[0], latent[0], vae, prefix)
+
+
+def ksample_and_save(
+    g: Graph,
+    column: int,
+    model: Output,
+    positive: Output,
+    negative: Output,
+    latent: Output,
+    vae: Output,
+    prefix: str,
+    title: str | None = None,
+) -> None:
+    """KSampler (seed 42, 20 euler steps, cfg 7) → VAE Decode → image saved under ``diffusion_merge/<prefix>``."""
     sampled = g.node(
         "KSampler",
-        column + 1,
+        column,
+        title=title,
         model=model,
-        positive=positive[0],
-        negative=negative[0],
-        latent_image=latent[0],
+        positive=positive,
+        negative=negative,
+        latent_image=latent,
         seed=42,
         steps=20,
         cfg=7.0,
@@ -411,8 +427,8 @@ def sample_and_save(
         scheduler="normal",
         denoise=1.0,
     )
-    image = g.node("VAEDecode", column + 2, samples=sampled[0], vae=vae)
-    g.node("SaveImage", column + 2, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{prefix}")
+    image = g.node("VAEDecode", column + 1, samples=sampled[0], vae=vae)
+    g.node("SaveImage", column + 1, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{prefix}")
 
 
 def sample_custom(
@@ -696,23 +712,7 @@ def compare_samples(g: Graph, column: int, models: dict[str, Output], clip: Outp
     negative = g.node("CLIPTextEncode", column, title="Negative prompt", clip=clip, text="blurry, low quality")
     latent = g.node("EmptyLatentImage", column, width=512, height=512, batch_size=1)
     for label, model in models.items():
-        sampled = g.node(
-            "KSampler",
-            column + 1,
-            title=f"Sample: {label}",
-            model=model,
-            positive=positive[0],
-            negative=negative[0],
-            latent_image=latent[0],
-            seed=42,
-            steps=20,
-            cfg=7.0,
-            sampler_name="euler",
-            scheduler="normal",
-            denoise=1.0,
-        )
-        image = g.node("VAEDecode", column + 2, samples=sampled[0], vae=vae)
-        g.node("SaveImage", column + 2, size=(360, 400), images=image[0], filename_prefix=f"diffusion_merge/{label}")
+        ksample_and_save(g, column + 1, model, positive[0], negative[0], latent[0], vae, label, f"Sample: {label}")
 
 
 def deme_train(g: Graph) -> None:
