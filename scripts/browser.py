@@ -104,7 +104,7 @@ class Editor:
 
     def load_workflow(self, workflow: dict) -> dict:
         """Open a UI-format workflow; returns what the editor would save for it now (``graph.serialize()``)
-        and, per node, whether its type is registered and which widgets it has."""
+        and, per node, its id, type and whether that type is registered."""
         return self.evaluate(
             """async (workflow) => {
               await app.loadGraphData(structuredClone(workflow), true, true, null, {
@@ -114,7 +114,6 @@ class Editor:
                 saved: app.graph.serialize(),
                 nodes: app.graph.nodes.map((n) => ({
                   id: n.id, type: n.type, registered: n.type in LiteGraph.registered_node_types,
-                  widgets: (n.widgets ?? []).map((w) => w.name),
                 })),
               };
             }""",
