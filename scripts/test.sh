@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
 source scripts/setup_browser.sh   # chromium + Playwright for tests/e2e/test_browser.py
+source scripts/setup_dataset.sh   # Fashion-MNIST for the mini family's training and metrics tests
 
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 "$VENV/bin/ruff" check .

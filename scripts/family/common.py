@@ -1,0 +1,68 @@
+"""Shared plumbing of the family's training scripts: the pack and ComfyUI in process, logging, seeding."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1]
+PACK_ROOT = SCRIPTS.parent
+sys.path.insert(0, str(SCRIPTS))
+
+import comfy_in_process  # noqa: E402
+
+DEFAULT_COMFYUI = PACK_ROOT.parent / "shared" / "ComfyUI"
+
+
+def comfyui_path() -> Path:
+    """$COMFYUI_PATH, else the ComfyUI this pack sits in (custom_nodes/), else ../shared/ComfyUI."""
+    if os.environ.get("COMFYUI_PATH"):
+        return Path(os.environ["COMFYUI_PATH"])
+    if PACK_ROOT.parent.name == "custom_nodes":
+        return PACK_ROOT.parent.parent
+    return DEFAULT_COMFYUI
+
+
+_booted = False
+
+
+def boot_comfyui(device: str) -> None:
+    """ComfyUI in this process (CPU unless ``device`` is cuda), its writable folders in a temporary directory."""
+    global _booted
+    if not _booted:
+        work = Path(tempfile.mkdtemp(prefix="dm-family-"))
+        comfy_in_process.boot(comfyui_path(), work, cpu=device == "cpu")
+        _booted = True
+
+
+def pack_module(name: str):
+    """A module of the pack, e.g. ``pack_module("merging.family_data")`` (the pack is imported as
+    ``diffusion_merge``; ``nodes.*`` modules need :func:`boot_comfyui` first)."""
+    comfy_in_process.import_pack()
+    return importlib.import_module(f"{comfy_in_process.PACK_PACKAGE}.{name}")
+
+
+class Log:
+    """Progress lines to stdout and, when given, appended to a log file (flushed each line)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.start = path, time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.start:8.1f}s] {message}"
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+
+
+def write_json(path: Path, data, sort_keys: bool = True) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    tmp.replace(path)
