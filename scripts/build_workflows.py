@@ -870,7 +870,52 @@ def superdiff_or_models(g: Graph) -> None:
     g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/superdiff_or")
 
 
+MINI_FAMILY_NOTE = """\
+The pack's own model: pictures without downloading anything
+
+1. "Load Mini Model" loads a small model family shipped with this pack, trained on coloured Fashion-MNIST \
+garments: an SD1.5-architecture MODEL, its text encoder and VAE. Every core node works with them.
+
+2. It understands "a <colour> <garment>", "<garment>" or "<colour>". Colours: red, yellow, green, cyan, blue, \
+magenta. Garments: t-shirt, trousers, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot. Other \
+words are ignored.
+
+3. It draws 32×32 pictures (a 4×4 latent): keep Empty Latent Image at 32×32. 20 steps at cfg about 4 work \
+well; the negative prompt is the empty caption.
+
+4. Variants: base (all garments); a and b (fine-tunes on garments 0–4 and 5–9); tops, footwear and \
+bags-trousers-dresses (fine-tunes for merging); expert-… (base + a DeMe range-expert LoRA). Merge them, take \
+task vectors between them, or route between them like real checkpoints.
+"""
+
+
+def mini_family(g: Graph) -> None:
+    """The built-in mini model: eight red sneakers from the base variant."""
+    g.note(MINI_FAMILY_NOTE, column=0, size=(400, 560))
+    loader = g.node("DM_LoadMiniModel", 1, variant="base")
+    positive = g.node("CLIPTextEncode", 2, title="Prompt", size=(320, 120), clip=loader["CLIP"], text="a red sneaker")
+    negative = g.node("CLIPTextEncode", 2, title="Negative (empty)", size=(320, 120), clip=loader["CLIP"], text="")
+    latent = g.node("EmptyLatentImage", 2, width=32, height=32, batch_size=8)
+    sampled = g.node(
+        "KSampler",
+        3,
+        model=loader["MODEL"],
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=42,
+        steps=20,
+        cfg=4.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
+    image = g.node("VAEDecode", 4, samples=sampled[0], vae=loader["VAE"])
+    g.node("SaveImage", 4, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/mini_family")
+
+
 WORKFLOWS: dict[str, Callable[[Graph], None]] = {
+    "mini_family": mini_family,
     "task_vectors": task_vectors,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
     "deme_merge": deme_merge,

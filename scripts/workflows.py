@@ -30,6 +30,7 @@ MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 DEMO_LOADER = "DM_DemoCheckpointLoader"
 DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b", "finetune-c", "finetune-d")
 DEMO_LATENT_SIZE = 64
+MINI_LOADER = "DM_LoadMiniModel"
 DEMO_TRAINER = "DM_TrainRangeExpertLoRA"
 DEMO_TRAINING_STEPS = 4
 
@@ -203,11 +204,14 @@ def use_demo_models(prompt: dict) -> dict:
 
     Every ``CheckpointLoaderSimple`` becomes the pack's tiny built-in ``DM_DemoCheckpointLoader``
     (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
-    else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64, and
+    else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64 (unless
+    the prompt loads the mini family, which draws 32×32), and
     the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps.
     """
     demo = copy.deepcopy(prompt)
     finetunes = iter(DEMO_FINETUNE_VARIANTS)
+    # The mini family draws 32×32 pictures: a workflow that loads it keeps its own latent sizes.
+    keep_sizes = any(node["class_type"] == MINI_LOADER for node in demo.values())
     for node_id, node in demo.items():
         if node["class_type"] == "CheckpointLoaderSimple":
             name = node["inputs"].get("ckpt_name", "")
@@ -217,7 +221,7 @@ def use_demo_models(prompt: dict) -> dict:
             node["class_type"] = DEMO_LOADER
             node["inputs"] = {"variant": variant, "seed": 0}
             node["_meta"] = {"title": f"{node.get('_meta', {}).get('title', 'Checkpoint')} (demo: {variant})"}
-        elif node["class_type"] == "EmptyLatentImage":
+        elif node["class_type"] == "EmptyLatentImage" and not keep_sizes:
             for side in ("width", "height"):
                 if not isinstance(node["inputs"].get(side), list):  # a linked size stays linked
                     node["inputs"][side] = DEMO_LATENT_SIZE

@@ -17,6 +17,14 @@ sys.path.insert(0, str(SCRIPTS))
 import comfy_in_process  # noqa: E402
 
 DEFAULT_COMFYUI = PACK_ROOT.parent / "shared" / "ComfyUI"
+MANIFEST = "family.json"
+FINETUNE_VARIANTS = {
+    "a": "classes 0–4 (t-shirt, trousers, pullover, dress, coat)",
+    "b": "classes 5–9 (sandal, shirt, sneaker, bag, ankle boot)",
+    "tops": "tops (t-shirt, pullover, coat, shirt)",
+    "footwear": "footwear (sandal, sneaker, ankle boot)",
+    "bags-trousers-dresses": "bags, trousers and dresses",
+}
 
 
 def comfyui_path() -> Path:
@@ -66,3 +74,25 @@ def write_json(path: Path, data, sort_keys: bool = True) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def update_manifest(out: Path, **changes) -> dict:
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"format": 1, "variants": {}}
+    variants = changes.pop("variants", {})
+    manifest.update(changes)
+    manifest.setdefault("variants", {}).update(variants)
+    manifest["variants"] = dict(sorted(manifest["variants"].items(), key=lambda item: _variant_rank(item[0])))
+    write_json(path, manifest, sort_keys=False)
+    return manifest
+
+
+def _variant_rank(name: str) -> tuple:
+    """base first, then the fine-tunes in FINETUNE_VARIANTS order, then the experts by range."""
+    order = ["base", *FINETUNE_VARIANTS]
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def read_training(out: Path) -> dict:
+    path = out / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")).get("training", {}) if path.is_file() else {}

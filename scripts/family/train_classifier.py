@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import Log, pack_module, write_json
+from common import Log, pack_module, read_training, update_manifest
 
 
 def shifted(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -85,7 +86,11 @@ def main(argv=None) -> dict:
     result = {"test_accuracy": accuracy, "epochs": args.epochs, "seed": args.seed, "train_seconds": round(seconds, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     metrics.save_classifier(model.cpu(), args.out / "classifier.safetensors", {"dm_classifier": json.dumps(result)})
-    write_json(args.out / "classifier.json", result)
+    command = " ".join(["scripts/family/train_classifier.py", *(argv if argv is not None else sys.argv[1:])])
+    record = {**result, "file": "classifier.safetensors", "command": command}
+    update_manifest(
+        args.out, classifier="classifier.safetensors", training={**read_training(args.out), "classifier": record}
+    )
     log(f"classifier saved: {result}")
     return result
 

@@ -28,16 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import Log, boot_comfyui, pack_module, write_json
+from common import FINETUNE_VARIANTS, Log, boot_comfyui, pack_module, read_training, update_manifest
 
 CAPTION_GROUPS = ("all", "a", "b", "tops", "footwear", "bags-trousers-dresses")
-FINETUNE_VARIANTS = {
-    "a": "classes 0–4 (t-shirt, trousers, pullover, dress, coat)",
-    "b": "classes 5–9 (sandal, shirt, sneaker, bag, ankle boot)",
-    "tops": "tops (t-shirt, pullover, coat, shirt)",
-    "footwear": "footwear (sandal, sneaker, ankle boot)",
-    "bags-trousers-dresses": "bags, trousers and dresses",
-}
 # DeMe's four experts (timestep ranges, 0 = clean).
 EXPERT_RANGES = ((0, 250), (250, 500), (500, 750), (750, 1000))
 
@@ -49,16 +42,17 @@ class Preset:
     unet: dict = field(default_factory=dict)  # overrides of mini_models.UNET_CONFIG
     clip: dict = field(default_factory=dict)  # overrides of mini_models.CLIP_CONFIG
     vae: dict = field(default_factory=dict)  # overrides of mini_models.VAE_DDCONFIG
-    vae_steps: int = 3000
+    vae_steps: int = 1800
     vae_batch: int = 32
     vae_lr: float = 1e-3
     colourings: int = 2  # coloured copies of each training image encoded for the UNet
-    base_steps: int = 12000
+    base_steps: int = 8000
     base_batch: int = 64
     base_lr: float = 5e-4
-    finetune_steps: int = 2500
+    finetune_steps: int = 1500
+    finetune_batch: int = 32
     finetune_lr: float = 2e-4
-    expert_steps: int = 600
+    expert_steps: int = 400
     expert_batch: int = 32
     expert_lr: float = 1e-3
     expert_images: int = 4096
@@ -66,6 +60,7 @@ class Preset:
     classifier_epochs: int = 8
     limit: int | None = None  # use the first N training images only
     eval_per_class: int = 20
+    evaluate_variants: tuple[str, ...] | None = None  # None: every variant
 
 
 PRESETS = {
@@ -81,6 +76,7 @@ PRESETS = {
         base_batch=256,
         base_lr=4e-4,
         finetune_steps=3000,
+        finetune_batch=256,
         expert_steps=1000,
         expert_batch=128,
         expert_images=16384,
@@ -94,12 +90,14 @@ PRESETS = {
         base_steps=3,
         base_batch=8,
         finetune_steps=2,
+        finetune_batch=4,
         expert_steps=2,
         expert_batch=4,
         expert_images=32,
         limit=256,
         eval_per_class=1,
         classifier_epochs=1,
+        evaluate_variants=("base",),
     ),
 }
 
@@ -164,23 +162,6 @@ def save_fp16(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, st
     path.parent.mkdir(parents=True, exist_ok=True)
     writer(path, [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], iter(state.items()), metadata)
     return path.stat().st_size
-
-
-def update_manifest(out: Path, **changes) -> dict:
-    path = out / "family.json"
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"format": 1, "variants": {}}
-    variants = changes.pop("variants", {})
-    manifest.update(changes)
-    manifest.setdefault("variants", {}).update(variants)
-    manifest["variants"] = dict(sorted(manifest["variants"].items(), key=lambda item: _variant_rank(item[0])))
-    write_json(path, manifest, sort_keys=False)
-    return manifest
-
-
-def _variant_rank(name: str) -> tuple:
-    """base first, then the fine-tunes in FINETUNE_VARIANTS order, then the experts by range."""
-    order = ["base", *FINETUNE_VARIANTS]
-    return (order.index(name), "") if name in order else (len(order), name)
 
 
 def command_line() -> str:
@@ -301,11 +282,6 @@ def train_vae(args, preset: Preset, log: Log) -> dict:
     return record
 
 
-def read_training(out: Path) -> dict:
-    path = out / "family.json"
-    return json.loads(path.read_text(encoding="utf-8")).get("training", {}) if path.is_file() else {}
-
-
 def comfy_latent_scale() -> float:
     """SD1.5's latent scale factor (ComfyUI's ``latent_formats.SD15``): latent × this enters the UNet."""
     import comfy.latent_formats
@@ -403,23 +379,34 @@ class CaptionEncoder:
 
     @contextlib.contextmanager
     def trainable(self):
-        """Within: the text encoder's layers add their residuals out of place (ComfyUI's add in place, which
-        autograd cannot differentiate through). Checked to give the same output as ComfyUI's forward."""
+        """Within: the text encoder can be trained. Its layers add their residuals out of place (ComfyUI's add
+        in place, which autograd cannot differentiate through), and the token table is replaced by a small
+        table of the vocabulary's rows (ComfyUI looks tokens up one caption at a time, and each lookup's
+        backward would fill a dense 49408-row gradient). Checked to give the same output as ComfyUI's forward;
+        on exit the trained rows are written back into the full table (other rows zero)."""
         caption_ids = torch.arange(len(self.captions))
         with torch.no_grad():
             reference = self(caption_ids)
-        layers = self.text_model.transformer.text_model.encoder.layers
+        transformer = self.text_model.transformer.text_model
+        embeddings, layers = transformer.embeddings, transformer.encoder.layers
+        full_table = embeddings.token_embedding
+        vocabulary = torch.tensor(self.vocabulary())
+        embeddings.token_embedding = VocabularyEmbedding(full_table.weight, vocabulary)
         for layer in layers:
             layer.forward = _out_of_place_layer(layer)
         try:
             with torch.no_grad():
                 difference = (self(caption_ids) - reference).abs().max().item()
             if difference > 1e-4:
-                raise RuntimeError(f"the out-of-place text encoder layers differ from ComfyUI's by {difference}")
+                raise RuntimeError(f"the trainable text encoder differs from ComfyUI's forward by {difference}")
             yield
         finally:
             for layer in layers:
                 del layer.forward
+            with torch.no_grad():
+                full_table.weight.zero_()
+                full_table.weight[vocabulary] = embeddings.token_embedding.rows.to(full_table.weight.dtype)
+            embeddings.token_embedding = full_table
 
     def vocabulary(self) -> list[int]:
         return sorted({token for tokens in self.tokens for token in tokens})
@@ -428,6 +415,27 @@ class CaptionEncoder:
         unique, inverse = caption_ids.unique(return_inverse=True)
         encoded, _ = self.text_model([self.tokens[i] for i in unique.tolist()])
         return encoded[inverse]
+
+
+class VocabularyEmbedding(torch.nn.Module):
+    """A token table holding only the vocabulary's rows (every other token embeds as zeros)."""
+
+    def __init__(self, table: torch.Tensor, vocabulary: torch.Tensor):
+        super().__init__()
+        self.rows = torch.nn.Parameter(table.detach()[vocabulary].clone())
+        row_of = torch.full((table.shape[0],), vocabulary.numel(), dtype=torch.long)
+        row_of[vocabulary] = torch.arange(vocabulary.numel())
+        self.register_buffer("row_of", row_of, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """ComfyUI reads the table's device from ``weight``."""
+        return self.rows
+
+    def forward(self, tokens: torch.Tensor, out_dtype=None) -> torch.Tensor:
+        padded = torch.cat([self.rows, self.rows.new_zeros(1, self.rows.shape[1])])
+        out = padded[self.row_of.to(tokens.device)[tokens]]
+        return out if out_dtype is None else out.to(out_dtype)
 
 
 def _out_of_place_layer(layer):
@@ -464,7 +472,7 @@ def diffusion_loss(unet, alphas, x0, context, generator, device) -> torch.Tensor
     return F.mse_loss(unet(noisy, t.float().to(device), context=context), noise)
 
 
-def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_trainable, steps, lr, label):
+def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_trainable, steps, lr, label, batch):
     """The shared loop of base training and fine-tunes; returns (seconds, final mean loss)."""
     data = pack_module("merging.family_data")
     device = torch.device(args.device)
@@ -479,7 +487,7 @@ def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_train
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup=min(500, steps // 10 + 1))
-        index = torch.randint(x_all.shape[0], (preset.base_batch,), generator=generator)
+        index = torch.randint(x_all.shape[0], (batch,), generator=generator)
         caption_ids = data.draw_caption_ids(latents.labels[index], latents.colours[index], generator)
         context = text(caption_ids).to(device)
         if not clip_trainable:
@@ -520,7 +528,7 @@ def train_base(args, preset: Preset, log: Log) -> dict:
     zero_unused_tokens(text)
     with text.trainable():
         seconds, final_loss = train_denoiser(
-            args, preset, log, unet, latents, text, True, preset.base_steps, preset.base_lr, "base"
+            args, preset, log, unet, latents, text, True, preset.base_steps, preset.base_lr, "base", preset.base_batch
         )
     unet.eval()
     text.text_model.eval()
@@ -584,7 +592,17 @@ def train_finetune(args, preset: Preset, log: Log) -> dict:
     text = CaptionEncoder(clip)
     text.text_model.to(device).eval()
     seconds, final_loss = train_denoiser(
-        args, preset, log, unet, latents, text, False, preset.finetune_steps, preset.finetune_lr, variant
+        args,
+        preset,
+        log,
+        unet,
+        latents,
+        text,
+        False,
+        preset.finetune_steps,
+        preset.finetune_lr,
+        variant,
+        preset.finetune_batch,
     )
     unet.eval()
     record = save_unet(
@@ -707,7 +725,7 @@ def evaluate_family(args, preset: Preset, log: Log) -> dict:
     metrics = pack_module("merging.family_metrics")
     classifier = metrics.load_classifier(args.out / "classifier.safetensors")
     reference = test_features(classifier)
-    names = args.variants or list(mini.variants(args.out))
+    names = args.variants or preset.evaluate_variants or list(mini.variants(args.out))
     results = {}
     for cfg in args.cfg:
         for name in names:
@@ -732,7 +750,12 @@ def train_classifier(args, preset: Preset) -> dict:
     argv += ["--threads", str(args.threads), "--epochs", str(preset.classifier_epochs)]
     argv += ["--limit", str(preset.limit)] if preset.limit else []
     argv += ["--log", str(args.log)] if args.log else []
-    return classifier_script.main(argv)
+    result = classifier_script.main(argv)
+    record = {**result, "file": "classifier.safetensors", "command": command_line()}
+    update_manifest(
+        args.out, classifier="classifier.safetensors", training={**read_training(args.out), "classifier": record}
+    )
+    return result
 
 
 def replace_namespace(args, **changes) -> argparse.Namespace:
