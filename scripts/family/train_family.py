@@ -719,6 +719,21 @@ def evaluate_variant(args, variant: str, classifier, reference, per_class: int, 
     return result
 
 
+def showcase_grid(args, log: Log) -> Path:
+    """One picture per (colour, garment) of a variant: rows = colours, columns = garments (README picture)."""
+    boot_comfyui(args.device)
+    mini = pack_module("nodes.mini_models")
+    data = pack_module("merging.family_data")
+    variant = (args.variants or ["base"])[0]
+    model, clip, vae = mini.load_variant(variant, args.out)
+    prompts = [data.caption(k, c) for c in range(len(data.COLOUR_NAMES)) for k in range(len(data.CLASS_NAMES))]
+    images = mini.sample_images(model, clip, vae, prompts, seed=args.seed, steps=20, cfg=args.cfg[0])
+    path = args.grid_dir / f"mini_family_{variant}.png"
+    save_grid(path, images, columns=len(data.CLASS_NAMES), scale=3)
+    log(f"grid of {variant} (cfg {args.cfg[0]:g}, seed {args.seed}) → {path}")
+    return path
+
+
 def evaluate_family(args, preset: Preset, log: Log) -> dict:
     boot_comfyui(args.device)
     mini = pack_module("nodes.mini_models")
@@ -767,7 +782,9 @@ def replace_namespace(args, **changes) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["classifier", "vae", "base", "finetune", "experts", "evaluate", "all"])
+    parser.add_argument(
+        "stage", choices=["classifier", "vae", "base", "finetune", "experts", "evaluate", "grid", "all"]
+    )
     parser.add_argument("--out", type=Path, required=True, help="the family folder (mini_models for the pack's own)")
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
     parser.add_argument("--variant", choices=list(FINETUNE_VARIANTS), help="finetune: which class group")
@@ -806,6 +823,10 @@ def main(argv=None) -> None:
         train_experts(args, preset, log)
     if args.stage in ("evaluate", "all"):
         evaluate_family(args, preset, log)
+    if args.stage == "grid":
+        if args.grid_dir is None:
+            parser.error("grid needs --grid-dir")
+        showcase_grid(args, log)
 
 
 if __name__ == "__main__":
