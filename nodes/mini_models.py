@@ -253,6 +253,12 @@ def load_clip(clip_sd: dict, name: str) -> comfy.sd.CLIP:
         set(clip_sd) - {"clip_l.logit_scale", "clip_l.transformer.text_projection.weight"},
     )
     clip.load_sd(clip_sd, full_model=True)
+    # SD1 checkpoints carry no text projection (only the pooled output, which SD1 UNets ignore, uses it);
+    # ComfyUI leaves it uninitialised. The identity keeps that output finite and deterministic.
+    projection = clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    if "clip_l.transformer.text_projection.weight" not in clip_sd:
+        with torch.no_grad():
+            projection.copy_(torch.eye(projection.shape[0], dtype=projection.dtype))
     return clip
 
 

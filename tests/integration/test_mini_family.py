@@ -199,6 +199,16 @@ def test_checkpoints_that_are_not_family_members_are_refused(comfyui, sd15_file)
         mini_models.load_variant("nope")
 
 
+def test_readme_snippet_runs_and_its_pictures_are_right(comfyui):
+    readme = (mini_models.FAMILY_DIR.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The built-in mini model family", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (mini family)", "exec"), namespace)
+    assert namespace["images"].shape == (16, 3, 32, 32)
+    assert namespace["scores"]["class_accuracy"] >= 0.75 and namespace["scores"]["colour_accuracy"] >= 0.75
+
+
 def test_vocabulary_compaction_round_trips_and_unknown_words_embed_as_zero(comfyui, base):
     _, clip, _ = base
     stored = mini_models.read_safetensors(FAMILY / "text_encoder.safetensors")
