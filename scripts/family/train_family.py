@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -345,8 +347,30 @@ def load_family_vae(out: Path):
     return mini.load_vae({k.removeprefix(mini.VAE_PREFIX): v for k, v in state.items()}, "vae.safetensors")
 
 
-@torch.no_grad()
+def latent_cache_path(args, preset: Preset) -> Path:
+    """Where the encoded training set of this VAE, seed, colourings and image limit is cached."""
+    digest = hashlib.sha256((args.out / "vae.safetensors").read_bytes())
+    digest.update(json.dumps([args.seed, preset.colourings, preset.limit]).encode())
+    return Path(tempfile.gettempdir()) / "dm-family-cache" / f"latents-{digest.hexdigest()[:16]}.safetensors"
+
+
 def encode_training_set(args, preset: Preset, log: Log) -> LatentSet:
+    """The training set encoded once per VAE (cached in the temporary folder: fine-tunes and experts reuse it)."""
+    path = latent_cache_path(args, preset)
+    if path.is_file():
+        cached = pack_module("nodes.mini_models").read_safetensors(path)
+        log(f"latents from the cache {path}")
+        return LatentSet(cached["latents"], cached["labels"], cached["colours"])
+    result = _encode_training_set(args, preset, log)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"latents": result.latents, "labels": result.labels, "colours": result.colours}
+    writer = pack_module("merging.io").write_safetensors
+    writer(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], iter(tensors.items()), {})
+    return result
+
+
+@torch.no_grad()
+def _encode_training_set(args, preset: Preset, log: Log) -> LatentSet:
     """Every training image in ``preset.colourings`` seeded colourings, encoded by ComfyUI's VAE Encode path."""
     data = pack_module("merging.family_data")
     vae = load_family_vae(args.out)
