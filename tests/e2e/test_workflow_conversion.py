@@ -111,3 +111,11 @@ def test_use_demo_models_caps_training_steps(workflows):
     demo = workflows.use_demo_models(prompt)
     assert [demo[i]["inputs"]["steps"] for i in "123"] == [workflows.DEMO_TRAINING_STEPS, 2, ["9", 0]]
     assert prompt["1"]["inputs"]["steps"] == 500
+
+
+def test_use_demo_models_keeps_the_latent_size_of_mini_family_workflows(workflows):
+    prompt = {
+        "1": {"class_type": "DM_LoadMiniModel", "inputs": {"variant": "base"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 8}},
+    }
+    assert workflows.use_demo_models(prompt) == prompt
