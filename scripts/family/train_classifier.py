@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
             schedule.step()
             total += float(loss.detach())
         model.eval()
-        accuracy = metrics.class_accuracy(metrics.predict(model.cpu(), test_x), test_labels)
-        model.to(device)
+        predictions = metrics.predict(model, test_x.to(device))
+        accuracy = float((predictions.classes.cpu() == test_labels).float().mean())
         log(f"classifier epoch {epoch + 1}/{args.epochs}: loss {total / steps_per_epoch:.4f}, test acc {accuracy:.4f}")
     seconds = time.monotonic() - start
     result = {"test_accuracy": accuracy, "epochs": args.epochs, "seed": args.seed, "train_seconds": round(seconds, 1)}

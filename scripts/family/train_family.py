@@ -59,6 +59,10 @@ class Preset:
     expert_lr: float = 1e-3
     expert_images: int = 4096
     ema: float = 0.999
+    # Wall-clock budgets per stage (GPU presets: the run must fit a fixed time); None = steps only.
+    vae_seconds: float | None = None
+    base_seconds: float | None = None
+    finetune_seconds: float | None = None
     classifier_epochs: int = 8
     limit: int | None = None  # use the first N training images only
     eval_per_class: int = 20
@@ -67,23 +71,27 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(),
+    # One H200: every stage has a wall-clock budget as well as steps (the whole family in about 5 minutes).
     "gpu": Preset(
         unet={"model_channels": 128, "channel_mult": [1, 2]},
         clip={"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "projection_dim": 128},
         vae={"ch": 64},
         vae_steps=6000,
         vae_batch=256,
+        vae_seconds=35,
         colourings=4,
-        base_steps=15000,
+        base_steps=20000,
         base_batch=256,
         base_lr=4e-4,
+        base_seconds=100,
         finetune_steps=3000,
         finetune_batch=256,
-        expert_steps=1000,
+        finetune_seconds=12,
+        expert_steps=300,
         expert_batch=128,
         expert_images=16384,
         ema=0.9995,
-        eval_per_class=100,
+        eval_per_class=50,
     ),
     "dry": Preset(
         vae_steps=3,
@@ -145,6 +153,26 @@ class EMA:
 
     def copy_to(self, module: torch.nn.Module) -> None:
         module.load_state_dict({**module.state_dict(), **self.shadow})
+
+
+class Clock:
+    """Where a stage is in its schedule: its step, or — with a time budget (GPU presets) — the share of the
+    budget spent, whichever is further; the stage ends when either is complete. Without a budget the
+    schedule is exactly the step count, so CPU runs do not depend on the machine's speed."""
+
+    def __init__(self, total: int, budget: float | None):
+        self.total, self.budget, self.start = total, budget, time.monotonic()
+
+    def effective_step(self, step: int) -> int:
+        if self.budget is None:
+            return step
+        return max(step, round(self.total * (time.monotonic() - self.start) / self.budget))
+
+    def steps(self):
+        step = 0
+        while step < self.total and self.effective_step(step) < self.total:
+            yield step, self.effective_step(step)
+            step += 1
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -237,9 +265,10 @@ def train_vae(args, preset: Preset, log: Log) -> dict:
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=preset.vae_lr, weight_decay=0.0)
     kl_weight = 1e-4
     start = time.monotonic()
-    for step in range(preset.vae_steps):
+    clock = Clock(preset.vae_steps, preset.vae_seconds)
+    for step, scheduled in clock.steps():
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, preset.vae_steps, preset.vae_lr, warmup=100)
+            group["lr"] = learning_rate(scheduled, preset.vae_steps, preset.vae_lr, warmup=100)
         index = torch.randint(grey_images.shape[0], (preset.vae_batch,), generator=generator)
         colours = torch.randint(len(data.COLOUR_NAMES), (preset.vae_batch,), generator=generator)
         pixels = (coloured_batch(grey_images[index], colours, generator) * 2 - 1).to(device)
@@ -255,7 +284,7 @@ def train_vae(args, preset: Preset, log: Log) -> dict:
         optimizer.step()
         if step % 100 == 0 or step == preset.vae_steps - 1:
             log(f"vae step {step}/{preset.vae_steps}: mse {mse.item():.5f} l1 {l1.item():.4f} kl {kl.item():.3f}")
-    seconds = time.monotonic() - start
+    seconds, steps_done = time.monotonic() - start, step + 1
     autoencoder.eval()
     probe_generator = torch.Generator().manual_seed(args.seed + 1)
     probe = grey_images[: min(4096, grey_images.shape[0])]
@@ -265,13 +294,13 @@ def train_vae(args, preset: Preset, log: Log) -> dict:
     stats = normalise_latents(autoencoder, probe_pixels, latent_scale)
     state = {mini.VAE_PREFIX + k: v for k, v in autoencoder.state_dict().items()}
     evaluation = evaluate_vae(args, autoencoder, device)
-    metadata = {"dm_family": json.dumps({"stage": "vae", "steps": preset.vae_steps, "seed": args.seed})}
+    metadata = {"dm_family": json.dumps({"stage": "vae", "steps": steps_done, "seed": args.seed})}
     size = save_fp16(args.out / "vae.safetensors", state, metadata)
     record = {
         "file": "vae.safetensors",
         "bytes": size,
         "train_seconds": round(seconds, 1),
-        "steps": preset.vae_steps,
+        "steps": steps_done,
         "batch": preset.vae_batch,
         "kl_weight": kl_weight,
         "parameters": sum(p.numel() for p in autoencoder.parameters()),
@@ -496,7 +525,9 @@ def diffusion_loss(unet, alphas, x0, context, generator, device) -> torch.Tensor
     return F.mse_loss(unet(noisy, t.float().to(device), context=context), noise)
 
 
-def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_trainable, steps, lr, label, batch):
+def train_denoiser(
+    args, preset, log, unet, latents: LatentSet, text, clip_trainable, steps, lr, label, batch, seconds=None
+):
     """The shared loop of base training and fine-tunes; returns (seconds, final mean loss)."""
     data = pack_module("merging.family_data")
     device = torch.device(args.device)
@@ -508,9 +539,10 @@ def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_train
     ema_text = EMA(text.text_model, preset.ema) if clip_trainable else None
     x_all = latents.latents.to(device)
     start, running = time.monotonic(), []
-    for step in range(steps):
+    clock = Clock(steps, seconds)
+    for step, scheduled in clock.steps():
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, warmup=min(500, steps // 10 + 1))
+            group["lr"] = learning_rate(scheduled, steps, lr, warmup=min(500, steps // 10 + 1))
         index = torch.randint(x_all.shape[0], (batch,), generator=generator)
         caption_ids = data.draw_caption_ids(latents.labels[index], latents.colours[index], generator)
         context = text(caption_ids).to(device)
@@ -532,6 +564,7 @@ def train_denoiser(args, preset, log, unet, latents: LatentSet, text, clip_train
     ema_unet.copy_to(unet)
     if ema_text is not None:
         ema_text.copy_to(text.text_model)
+    args.steps_done = step + 1
     return time.monotonic() - start, sum(running[-500:]) / len(running[-500:])
 
 
@@ -552,13 +585,24 @@ def train_base(args, preset: Preset, log: Log) -> dict:
     zero_unused_tokens(text)
     with text.trainable():
         seconds, final_loss = train_denoiser(
-            args, preset, log, unet, latents, text, True, preset.base_steps, preset.base_lr, "base", preset.base_batch
+            args,
+            preset,
+            log,
+            unet,
+            latents,
+            text,
+            True,
+            preset.base_steps,
+            preset.base_lr,
+            "base",
+            preset.base_batch,
+            preset.base_seconds,
         )
     unet.eval()
     text.text_model.eval()
     text_state = family_clip_state(clip, text.vocabulary())
     size_text = save_fp16(args.out / "text_encoder.safetensors", text_state, stage_metadata(args, "text_encoder"))
-    record = save_unet(args, preset, unet, "base", "all ten classes", seconds, final_loss, preset.base_steps)
+    record = save_unet(args, preset, unet, "base", "all ten classes", seconds, final_loss, args.steps_done)
     record["text_encoder_bytes"] = size_text
     record["text_encoder_parameters"] = sum(p.numel() for p in text.text_model.parameters())
     update_manifest(
@@ -627,6 +671,7 @@ def train_finetune(args, preset: Preset, log: Log) -> dict:
         preset.finetune_lr,
         variant,
         preset.finetune_batch,
+        preset.finetune_seconds,
     )
     unet.eval()
     record = save_unet(
@@ -637,7 +682,7 @@ def train_finetune(args, preset: Preset, log: Log) -> dict:
         f"fine-tune of base on {FINETUNE_VARIANTS[variant]}",
         seconds,
         final_loss,
-        preset.finetune_steps,
+        args.steps_done,
     )
     record["classes"] = list(classes)
     update_manifest(args.out, training={**read_training(args.out), variant: record})

@@ -93,3 +93,15 @@ def test_trainable_text_encoder_matches_comfyui_and_writes_its_rows_back(train_f
     with torch.no_grad():
         assert not torch.allclose(text(ids), reference)  # the changed rows are in the full table
     assert mini_models.encode(clip, "a red sneaker")[0][0].shape == (1, 77, 64)
+
+
+def test_clock_follows_steps_without_a_budget_and_stops_at_the_budget(train_family):
+    plain = list(train_family.Clock(50, None).steps())
+    assert plain == [(step, step) for step in range(50)]
+    import time
+
+    clock = train_family.Clock(10**6, 0.05)
+    started = time.monotonic()
+    taken = list(clock.steps())
+    assert time.monotonic() - started < 1.0 and len(taken) < 10**6
+    assert all(scheduled >= step for step, scheduled in taken)
