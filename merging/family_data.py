@@ -217,6 +217,19 @@ def draw_caption_ids(labels: torch.Tensor, colours: torch.Tensor, generator: tor
     return torch.tensor(ids, dtype=torch.long)
 
 
+def class_colour_prompts(classes, per_class: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(prompts "a <colour> <garment>", target classes, target colours): ``per_class`` prompts per class, the
+    colours cycling so that every (class, colour) pair occurs as evenly as the count allows."""
+    prompts, targets, colours = [], [], []
+    for k in classes:
+        for i in range(per_class):
+            colour = (k + i) % len(COLOUR_NAMES)
+            prompts.append(caption(k, colour))
+            targets.append(k)
+            colours.append(colour)
+    return prompts, torch.tensor(targets, dtype=torch.long), torch.tensor(colours, dtype=torch.long)
+
+
 @dataclass
 class ColouredSplit:
     """A split coloured with a fixed seed: images [N, 3, 32, 32] in [0, 1], labels [N], colours [N]."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .family_data import CLASS_NAMES, colour_of, grey
+from .family_data import CLASS_NAMES, colour_of, grey, load_split, pad_to_size
 from .io import SafetensorsFile, write_safetensors
 
 FEATURES = 128
@@ -151,6 +151,13 @@ def frechet_distance(stats_a, stats_b) -> float:
 def classifier_fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     """Fréchet distance in the classifier's feature space (not Inception FID; see the module docstring)."""
     return frechet_distance(feature_statistics(features_a), feature_statistics(features_b))
+
+
+def reference_features(classifier: FashionClassifier, limit: int | None = None) -> torch.Tensor:
+    """Penultimate features of Fashion-MNIST's test split (the first ``limit`` images): the reference set of
+    classifier FID. Colour does not matter (the classifier reads intensities)."""
+    images, _ = load_split("test")
+    return predict(classifier, pad_to_size(images[:limit])).features
 
 
 def evaluate(

@@ -746,32 +746,12 @@ def train_experts(args, preset: Preset, log: Log) -> dict:
 # -- evaluation ------------------------------------------------------------------------------------------
 
 
-def evaluation_prompts(classes, per_class: int):
-    """(prompts, target classes, target colours): colours cycle so every (class, colour) pair is covered."""
-    data = pack_module("merging.family_data")
-    prompts, targets, colours = [], [], []
-    for k in classes:
-        for i in range(per_class):
-            colour = (k + i) % len(data.COLOUR_NAMES)
-            prompts.append(data.caption(k, colour))
-            targets.append(k)
-            colours.append(colour)
-    return prompts, torch.tensor(targets), torch.tensor(colours)
-
-
-def test_features(classifier) -> torch.Tensor:
-    data = pack_module("merging.family_data")
-    metrics = pack_module("merging.family_metrics")
-    images, _ = data.load_split("test")
-    return metrics.predict(classifier, data.pad_to_size(images)).features
-
-
 def evaluate_variant(args, variant: str, classifier, reference, per_class: int, cfg: float, log: Log) -> dict:
     """Metrics of ``per_class`` samples of each class ("a <colour> <class>", 20 Euler steps) via KSampler's path."""
     mini = pack_module("nodes.mini_models")
     metrics = pack_module("merging.family_metrics")
     model, clip, vae = mini.load_variant(variant, args.out)
-    prompts, targets, colours = evaluation_prompts(range(10), per_class)
+    prompts, targets, colours = pack_module("merging.family_data").class_colour_prompts(range(10), per_class)
     start = time.monotonic()
     images = mini.sample_images(model, clip, vae, prompts, seed=args.seed, steps=20, cfg=cfg)
     result = metrics.evaluate(classifier, images, targets, colours, reference)
@@ -808,7 +788,7 @@ def evaluate_family(args, preset: Preset, log: Log) -> dict:
     mini = pack_module("nodes.mini_models")
     metrics = pack_module("merging.family_metrics")
     classifier = metrics.load_classifier(args.out / "classifier.safetensors")
-    reference = test_features(classifier)
+    reference = metrics.reference_features(classifier)
     names = args.variants or preset.evaluate_variants or list(mini.variants(args.out))
     results = {}
     for cfg in args.cfg:

@@ -69,6 +69,13 @@ def test_captions_cover_every_combination_once_and_draws_follow_the_shares():
         assert text in ("", data.caption(label, colour), data.caption(label, None), data.caption(None, colour))
 
 
+def test_class_colour_prompts_cycle_colours_per_class():
+    prompts, targets, colours = data.class_colour_prompts([7, 8], per_class=7)
+    assert prompts[0] == "a yellow sneaker" and prompts[7] == "a green bag"
+    assert targets.tolist() == [7] * 7 + [8] * 7
+    assert sorted(colours[:6].tolist()) == list(range(6)) and colours[6] == colours[0]
+
+
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 3, generator=generator) * torch.tensor([1.0, 2.0, 0.5])
@@ -143,7 +150,7 @@ def test_committed_classifier_recognises_the_test_split():
     assert metrics.class_accuracy(predictions, labels[:2000]) >= 0.88
     coloured = data.coloured_split("test", seed=0, limit=500)  # colour does not change its answer
     assert metrics.class_accuracy(metrics.predict(classifier, coloured.images), coloured.labels) >= 0.86
-    real = metrics.predict(classifier, data.pad_to_size(images[:1000])).features
+    real = metrics.reference_features(classifier, limit=1000)
     other = metrics.predict(classifier, data.pad_to_size(images[1000:2000])).features
     shuffled = metrics.predict(classifier, data.pad_to_size(images[:1000]).flip(2)).features
     assert metrics.classifier_fid(real, other) < metrics.classifier_fid(real, shuffled)
