@@ -1,9 +1,8 @@
 """The pack's ComfyUI nodes (V3): thin glue between ComfyUI objects and the ``merging`` library."""
 
-from comfy_api.latest import ComfyExtension, io
-
 from . import checkpoints, demo, merge, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
+from .compat import ComfyExtension, io
 
 register_task_vector_folder()
 

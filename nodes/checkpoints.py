@@ -9,11 +9,12 @@ from pathlib import Path
 import comfy.model_management as mm
 import folder_paths
 import torch
-from comfy_api.latest import io
 
 from .. import merging
 from ..merging.io import parse_dtype, write_safetensors
 from . import comfy_bridge as bridge
+from . import compat
+from .compat import io
 from .types import CATEGORY, DTYPE_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def checkpoint_plan(model, clip=None, vae=None) -> list[tuple[str, object, str |
     """
     clip_sd = clip.get_sd() if clip is not None else None
     vae_sd = vae.get_sd() if vae is not None else None
-    layout = model.model.state_dict_for_saving(clip_sd, vae_sd)
+    layout = compat.checkpoint_layout(model.model, clip_sd, vae_sd)
     owners = _tensor_identities(model.model.diffusion_model, "unet:diffusion_model.")
     if clip is not None:
         owners.update(_tensor_identities(clip.cond_stage_model, "clip:"))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from comfy_api.latest import io
-
 from . import demo_models
+from .compat import io
 from .types import CATEGORY
 
 

@@ -7,11 +7,10 @@ says where its expert stops. The machinery lives in ``routing_runtime``; the ran
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..merging.schedules import UNITS, Boundary
 from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
+from .compat import io
 from .routing_server import register_routes
 from .types import CATEGORY, TaskVectorType
 

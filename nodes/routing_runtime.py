@@ -44,6 +44,7 @@ from ..merging.schedules import (
     flow_scale,
     resolve_ends,
 )
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -374,13 +375,15 @@ class RoutingRun:
         """Conditioning encoded by each other model class (e.g. the SDXL refiner's own ``y``)."""
         self.conds_by_arch = {_arch_key(self.router.primary_module): guider.conds}
         device = guider.model_patcher.load_device
+        shapes = compat.packed_latent_shapes(guider.inner_model)
         for patcher, kind in zip(self.router.canonical, self.router.kinds, strict=True):
             key = _arch_key(patcher.model)
             if kind is not Kind.DELEGATE or key in self.conds_by_arch:
                 continue
             conds = {name: [c.copy() for c in items] for name, items in self.raw_conds.items()}
-            self.conds_by_arch[key] = comfy.samplers.process_conds(
-                patcher.model, noise, conds, device, latent_image, denoise_mask, seed
+            compat.set_latent_shapes(patcher.model, shapes)
+            self.conds_by_arch[key] = compat.process_conds(
+                patcher.model, noise, conds, device, latent_image, denoise_mask, seed, shapes
             )
 
     def finish(self) -> None:

@@ -37,6 +37,7 @@ import node_helpers
 import torch
 
 from ..merging import superdiff as sd
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,17 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
             self._remember(output, self._pending_trace)
         return output
 
-    def inner_sample(self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed):
+    def inner_sample(
+        self, noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **extras
+    ):
         """Prepare every other model (pre_run, its own conditioning and options) around the stock inner sample."""
+        extras = compat.inner_sample_extras(extras)
+        shapes = compat.latent_shapes_of(extras)
+        if shapes is not None and len(shapes) > 1:
+            raise ValueError(
+                f"SuperDiff samples one latent, but this one packs {len(shapes)} (e.g. video and audio); "
+                "sample such models without SuperDiff"
+            )
         others = [group for group in self.groups if not group.is_primary]
         own = [group for group in others if not group.shares_primary_module]
         raw = {name: self.conds.pop(name) for group in own for name in group.cond_names}
@@ -241,13 +251,14 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
             self._prepare_group(group, raw, sigmas)
         for group in own:
             group.patcher.pre_run()
+            compat.set_latent_shapes(group.patcher.model, shapes)
             group_conds = {name: raw[name] for name in group.cond_names}
-            group.conds = comfy.samplers.process_conds(
-                group.patcher.model, noise, group_conds, device, latent, denoise_mask, seed
+            group.conds = compat.process_conds(
+                group.patcher.model, noise, group_conds, device, latent, denoise_mask, seed, shapes
             )
         try:
             return super().inner_sample(
-                noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed
+                noise, latent_image, device, sampler, sigmas, denoise_mask, callback, disable_pbar, seed, **extras
             )
         finally:
             for group in others:

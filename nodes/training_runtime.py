@@ -36,6 +36,7 @@ from comfy.weight_adapter import adapter_maps
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
 from ..merging.training_schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
+from . import compat
 from . import projection as projection_patches
 from .routing_runtime import sigma_scale
 from .training_adapters import AdapterSwitch, attach_adapters, frozen_parameters, gradient_checkpointing
@@ -458,7 +459,7 @@ def train_range_expert(model, latents: dict, positive: list, settings: TrainingS
     samples = samples.float()
     conditioning = dataset_conditioning(positive, samples.shape[0])
     switch = AdapterSwitch()
-    patcher = model.clone()
+    patcher = compat.training_patcher(model)  # a classic (non-dynamic-VRAM) clone: adapters on every weight
     patcher.set_model_compute_dtype(node_helpers.string_to_torch_dtype(settings.training_dtype))
     lora_dtype = node_helpers.string_to_torch_dtype(settings.lora_dtype)
     network = patcher.model.diffusion_model
@@ -470,7 +471,11 @@ def train_range_expert(model, latents: dict, positive: list, settings: TrainingS
             projection_patches.check_unet(patcher)
             trainer.projection = projection_patches.ProjectionSet({}, switch)
             projection_patches.install(patcher, trainer.projection)
-        with frozen_parameters(patcher.model), gradient_checkpointing(network, settings.gradient_checkpointing):
+        with (
+            frozen_parameters(patcher.model),
+            gradient_checkpointing(network, settings.gradient_checkpointing),
+            compat.training_mode(),
+        ):
             mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
             guider = Guider_Basic(patcher)
             guider.set_conds(conditioning)

@@ -267,12 +267,14 @@ def run_prompt(comfyui):
 
     import execution
 
+    from diffusion_merge.nodes import compat
+
     def run(prompt: dict) -> dict:
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"invalid prompt: {valid[1]} {valid[3]}")
-        executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+        executor = compat.prompt_executor(_StubServer())
         executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
         if not executor.success:
             errors = [data for event, data in executor.server.events if event == "execution_error"]
