@@ -117,21 +117,26 @@ def complete_dit_config(config: Mapping[str, Any], params_class) -> dict[str, An
 def parameter_shapes(module: torch.nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Name → (shape, dtype) of every parameter ``module`` will have once its state dict is loaded.
 
-    With dynamic VRAM, ComfyUI's layers start without weights: a ``Linear`` holds ``None`` (its shape
-    comes from ``in_features``/``out_features``), an ``Embedding`` a ``meta`` tensor. Older ComfyUI
-    allocates them at once; both cases are covered.
+    With dynamic VRAM, ComfyUI's layers start without weights: a ``Linear`` holds ``None`` (or, after a
+    load that lacked it, a placeholder of another shape), an ``Embedding`` a ``meta`` tensor. Older ComfyUI
+    allocates them at once. A ``Linear``'s shapes are therefore read from ``in_features``/``out_features``.
     """
     shapes: dict[str, tuple[torch.Size, torch.dtype]] = {}
     for prefix, layer in module.named_modules():
         dot = f"{prefix}." if prefix else ""
         for name, param in layer.named_parameters(recurse=False):
             shapes[dot + name] = (param.shape, param.dtype)
-        if isinstance(layer, torch.nn.Linear) and getattr(layer, "weight", None) is None:
-            dtype = getattr(layer, "weight_comfy_model_dtype", None) or torch.get_default_dtype()
+        if isinstance(layer, torch.nn.Linear):
+            weight = getattr(layer, "weight", None)
+            dtype = weight.dtype if weight is not None else _declared_dtype(layer)
             shapes[f"{dot}weight"] = (torch.Size((layer.out_features, layer.in_features)), dtype)
-            if getattr(layer, "comfy_need_lazy_init_bias", False):
-                shapes[f"{dot}bias"] = (torch.Size((layer.out_features,)), dtype)
+            if getattr(layer, "bias", None) is None and getattr(layer, "comfy_need_lazy_init_bias", False):
+                shapes[f"{dot}bias"] = (torch.Size((layer.out_features,)), _declared_dtype(layer))
     return shapes
+
+
+def _declared_dtype(layer: torch.nn.Module) -> torch.dtype:
+    return getattr(layer, "weight_comfy_model_dtype", None) or torch.get_default_dtype()
 
 
 def assign_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> None:
