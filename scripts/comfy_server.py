@@ -21,6 +21,7 @@ from typing import Any
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "diffusion-merge"
+SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first (0.3.64 last)
 
 
 class ServerError(RuntimeError):
@@ -29,13 +30,13 @@ class ServerError(RuntimeError):
 
 def find_comfyui(pack_root: Path = PACK_ROOT) -> tuple[Path, bool]:
     """(ComfyUI root, whether the pack is installed in its custom_nodes): ``$COMFYUI_PATH``, the
-    grandparent when the pack sits in ``ComfyUI/custom_nodes/``, else ``../shared/ComfyUI``."""
+    grandparent when the pack sits in ``ComfyUI/custom_nodes/``, else the newest snapshot in ``../shared``."""
     candidates = []
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
     if pack_root.parent.name == "custom_nodes":
         candidates.append(pack_root.parent.parent)
-    candidates.append(pack_root.parent / "shared" / "ComfyUI")
+    candidates += [pack_root.parent / "shared" / name for name in SNAPSHOTS]
     for root in candidates:
         if (root / "main.py").is_file():
             return root.resolve(), is_installed_in(root, pack_root)
