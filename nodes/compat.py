@@ -4,7 +4,7 @@ Every difference is detected by capability (a signature, an attribute, a datacla
 version string, so a release in between or after behaves by what it offers. Each shim says what differs.
 Nothing else in the pack branches on ComfyUI's version; tests call these shims on every supported version.
 
-Dynamic VRAM (``ModelPatcherDynamic``, on by default on NVIDIA GPUs in newer releases) changes four
+Dynamic VRAM (``ModelPatcherDynamic``, on by default on NVIDIA GPUs in newer releases) changes three
 contracts the pack relies on; the shims below keep the pack on the right side of them:
 
 - weight adapters are rebuilt as ``type(adapter)(adapter.loaded_keys, weights)`` before each use, so a
@@ -69,7 +69,10 @@ def inner_sample_extras(extras: Mapping[str, Any]) -> dict[str, Any]:
     """
     unknown = set(extras) - {"latent_shapes"}
     if unknown:
-        raise TypeError(f"inner_sample got arguments this pack does not know: {', '.join(sorted(unknown))}")
+        raise TypeError(
+            f"this ComfyUI passes sampling arguments diffusion-merge does not know ({', '.join(sorted(unknown))}): "
+            "update diffusion-merge"
+        )
     return dict(extras)
 
 

@@ -41,6 +41,7 @@ from comfy_server import ComfyServer, ServerError, execution_error
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DYNAMIC_ON = "DynamicVRAM support detected and enabled"
 DYNAMIC_LOAD = re.compile(r"prepared for dynamic VRAM loading")
+DYNAMIC_WORDS = re.compile(r"aimdo|dynamic ?vram|ModelPatcherDynamic|non.dynamic", re.IGNORECASE)
 SEED = 42
 
 
@@ -58,7 +59,7 @@ class Sizes:
     timeout: float
 
 
-FULL = Sizes("sd15", 512, 20, 20, 5, "bf16", True, 600.0)
+FULL = Sizes("sd15", 512, 20, 20, 5, "bf16", True, 240.0)
 DRY = Sizes("tiny", 64, 3, 4, 2, "fp32", False, 300.0)
 
 
@@ -446,6 +447,7 @@ def run_server(comfyui, work, models, gpu, extra, runs, sizes, results) -> dict:
         "flags": list(extra),
         "dynamic_vram_enabled": DYNAMIC_ON in log,
         "dynamic_vram_loads": len(DYNAMIC_LOAD.findall(log)),
+        "dynamic_vram_lines": [line for line in log.splitlines() if DYNAMIC_WORDS.search(line)][:25],
         "log_tail": log.splitlines()[-15:],
     }
 
@@ -478,7 +480,8 @@ def _comfyui_version(comfyui: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def check(comfyui: Path, work: Path, sizes: Sizes, gpu: bool) -> dict:
+def check(comfyui: Path, work: Path, sizes: Sizes, gpu: bool, out: Path) -> dict:
+    """Run everything; ``out`` gets the report so far after each server (a run cut short still reports)."""
     models = work / "models"
     started = time.monotonic()
     env = {**os.environ, "COMFYUI_PATH": str(comfyui), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -495,6 +498,8 @@ def check(comfyui: Path, work: Path, sizes: Sizes, gpu: bool) -> dict:
     report["servers"] = {}
     for label, runs, extra in servers:
         report["servers"][label] = run_server(comfyui, work / label, models, gpu, extra, runs, sizes, results)
+        report["features"] = {name: asdict(result) for name, result in results.items()}
+        write_report(out, {**report, "passed": None, "note": "interim: comparisons not done yet"})
     merged = work / "outputs"  # one tree: gpu_check/<run>/…
     for label in report["servers"]:
         for path in (work / label / "output" / "gpu_check").glob("*"):
@@ -526,6 +531,11 @@ def check(comfyui: Path, work: Path, sizes: Sizes, gpu: bool) -> dict:
     return report
 
 
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models (what the test runs)")
@@ -540,9 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     comfyui = Path(os.environ.get("COMFYUI_PATH") or PACK_ROOT.parent / "shared" / "ComfyUI-0.33.0").resolve()
     work = options.work or Path(tempfile.mkdtemp(prefix="dm-gpu-check-"))
     try:
-        report = check(comfyui, work, DRY if options.dry_run else FULL, gpu=not options.dry_run)
-        options.out.parent.mkdir(parents=True, exist_ok=True)
-        options.out.write_text(json.dumps(report, indent=1) + "\n")
+        report = check(comfyui, work, DRY if options.dry_run else FULL, not options.dry_run, options.out)
+        write_report(options.out, report)
         for label in report["servers"]:  # the full server logs beside the report
             log = work / label / "comfyui.log"
             if log.is_file():

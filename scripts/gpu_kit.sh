@@ -24,7 +24,7 @@ LIMIT_MIB=45
 version="$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$SNAPSHOT/comfyui_version.py")"
 constraints="$SHARED/ci/comfyui-$version-constraints.txt"
 [[ -f "$constraints" ]] || { echo "no pinned versions for ComfyUI $version ($constraints)" >&2; exit 1; }
-pinned() { grep -i "^$1==" "$constraints" | head -1; }
+pinned() { grep -iE "^${1//[-_]/[-_]}==" "$constraints" | head -1 || true; }  # "kornia-rs" finds "kornia_rs==…"
 
 [[ -d "$KIT" ]] && chmod -R u+w "$KIT"  # copied from read-only snapshots
 rm -rf "$KIT"
@@ -46,7 +46,7 @@ EOF
 
 # 2. wheels: the ones beside ../shared/gpu/setup.sh (0.3.64's needs), plus what 0.33.0 added
 cp "$SHARED"/gpu/wheels/*.whl "$KIT/wheels/"
-for name in comfy-aimdo blake3 simpleeval comfy-kitchen; do
+for name in comfy-aimdo blake3 simpleeval kornia kornia-rs comfy-kitchen; do
     spec="$(pinned "$name")"
     [[ -n "$spec" ]] || { echo "$name is not pinned in $constraints" >&2; exit 1; }
     python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
@@ -54,7 +54,7 @@ for name in comfy-aimdo blake3 simpleeval comfy-kitchen; do
         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux1_x86_64 -d "$CACHE" "$spec" 2>&1 | grep -v "is ignored: it is neither" || true
 done
-for name in comfy_aimdo blake3 simpleeval; do
+for name in comfy_aimdo blake3 simpleeval kornia kornia_rs; do
     spec="$(pinned "${name//_/-}")"
     cp "$CACHE/${name}-${spec#*==}-"*.whl "$KIT/wheels/"
 done
@@ -75,8 +75,8 @@ with zipfile.ZipFile(source) as wheel, zipfile.ZipFile(folder / source.name, "w"
         slim.writestr(item, data)
 EOF
 
-# 3. PyAV stand-in
-cp -r "$SHARED/gpu/avstub" "$KIT/avstub"
+# 3. PyAV stand-in (../shared/gpu/avstub covers 0.3.64; this one also what 0.33.0 imports)
+cp -r scripts/gpu_kit_files/avstub "$KIT/avstub"
 chmod -R u+w "$KIT"
 
 # 4. the setup to source on the GPU machine
