@@ -27,6 +27,23 @@ else
 fi
 
 source scripts/setup_browser.sh   # chromium for tests/e2e/test_browser.py (Playwright comes with each venv)
+
+if (( ${#targets[@]} > 1 )); then  # make the missing venvs side by side (mostly unpacking and compiling)
+    pids=()
+    for index in "${!targets[@]}"; do
+        (export COMFYUI_PATH="${targets[$index]}"; source scripts/setup_venv.sh) > "/tmp/dm-setup-venv-$$-$index.log" 2>&1 &
+        pids+=($!)
+    done
+    for index in "${!pids[@]}"; do
+        if ! wait "${pids[$index]}"; then
+            cat "/tmp/dm-setup-venv-$$-$index.log" >&2
+            echo "setting up the venv for ${targets[$index]} failed" >&2
+            exit 1
+        fi
+        cat "/tmp/dm-setup-venv-$$-$index.log"
+        rm -f "/tmp/dm-setup-venv-$$-$index.log"
+    done
+fi
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 
 linted=""
