@@ -190,11 +190,14 @@ def _rank_for(energies: torch.Tensor, rule: RankRule) -> int:
     available = energies.numel()
     if rule.rank is not None:
         return min(rule.rank, available)
-    cumulative = energies.cumsum(0)
-    # Within rounding of the target counts as reaching it (a fraction that is exactly a boundary keeps that rank).
-    target = rule.energy * float(cumulative[-1]) * (1.0 - ENERGY_TOLERANCE)
-    needed = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=cumulative.dtype)).item()) + 1
-    rank = min(needed, available)
+    if rule.energy >= 1.0:
+        rank = available  # everything: no tolerance may cut the smallest components
+    else:
+        cumulative = energies.cumsum(0)
+        # Within rounding of the target counts as reaching it (a fraction exactly at a boundary keeps that rank).
+        target = rule.energy * float(cumulative[-1]) * (1.0 - ENERGY_TOLERANCE)
+        needed = int(torch.searchsorted(cumulative, torch.tensor(target, dtype=cumulative.dtype)).item()) + 1
+        rank = min(needed, available)
     return min(rank, rule.max_rank) if rule.max_rank is not None else rank
 
 
