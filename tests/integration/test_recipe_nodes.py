@@ -124,7 +124,7 @@ def test_recipes_of_models_loaded_in_comfyui_say_they_cannot_be_rerun(tiny_sd15,
     vector = first(tv_nodes.TaskVectorFromModels.execute(tiny_sd15(0, "finetune-a"), base))
     saved = recipe_nodes.SaveRecipe.execute(vector, "recipes/models")
     assert "NOT re-runnable" in text(saved) and "finetuned MODEL" in text(saved)
-    with pytest.raises(RecipeError, match="cannot be re-run.*finetuned MODEL"):
+    with pytest.raises(RecipeError, match=r"cannot be re-run.*finetuned MODEL"):
         recipe_nodes.RunRecipe.execute(recipe_json=first(saved))
     patched, _ = tv_nodes.TaskVectorApply.execute(base, vector, 0.5).result
     checkpoint_nodes.SaveCheckpointStreaming.execute(patched, "checkpoints/applied", "fp16")

@@ -269,7 +269,7 @@ def test_in_memory_task_vectors_are_marked_not_rerunnable(files):
     assert recipe["rerunnable"] is False
     assert "'finetuned MODEL' and 'base MODEL'" in recipe["problems"][0]
     assert recipe["task_vector"]["sum"][0]["leaf"]["op"] == "not_rerunnable"
-    with pytest.raises(RecipeError, match="cannot be re-run.*finetuned MODEL"):
+    with pytest.raises(RecipeError, match=r"cannot be re-run.*finetuned MODEL"):
         run_recipe(recipe, folders=[files["base"].parent])
     merged = merge_to_task_vector([in_memory, tau(files, "ft_b")], "weighted")
     assert recipe_of(merged)["rerunnable"] is False
