@@ -161,7 +161,7 @@ def low_rank_factors(matrix: torch.Tensor, rule: RankRule, backend: str = "auto"
     scale = energies.sqrt().sqrt().to(matrix.dtype)  # √b per component
     up = basis * scale
     down = coords / scale.unsqueeze(1)
-    return Factors(up, down, float(energies.sum()), total)
+    return Factors(up, down, min(float(energies.sum()), total), total)  # ≤ total also when rounding says more
 
 
 def _dominant_basis(wide: torch.Tensor, rule: RankRule, backend: str) -> torch.Tensor:
