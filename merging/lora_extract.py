@@ -67,6 +67,8 @@ OTHER_KEY_MODES = ("diff", "drop")
 LOWRANK_OVERSAMPLE = 10
 LOWRANK_ITERATIONS = 4
 ENERGY_TOLERANCE = 1e-6
+LOSSLESS_SHARE = 0.99999
+"""Keys keeping at least this share of their energy are not listed among the least kept on the node."""
 NEGLIGIBLE_SHARE = 1e-10
 """Components carrying less than this share of a key's energy are left out (they are rounding noise)."""
 
@@ -424,10 +426,13 @@ def format_report(report: LoraReport, worst: int = 10) -> str:
         f"ranks {summary['rank_min']}–{summary['rank_max']} (mean {summary['rank_mean']:.1f}), "
         f"{summary['parameters']:,} parameters",
     ]
-    factored = sorted((k for k in report.keys if k.kind in ("lora", "locon")), key=lambda k: k.energy)[:worst]
-    if factored:
+    factored = [k for k in report.keys if k.kind in ("lora", "locon")]
+    lossy = sorted((k for k in factored if k.energy < LOSSLESS_SHARE), key=lambda k: k.energy)[:worst]
+    if lossy:
         lines.append("least energy kept:")
-        lines += [f"  {k.key}: {100 * k.energy:.1f}% at rank {k.rank}" for k in factored]
+        lines += [f"  {k.key}: {100 * k.energy:.1f}% at rank {k.rank}" for k in lossy]
+    elif factored:
+        lines.append(f"every low-rank key kept ≥ {100 * LOSSLESS_SHARE:g}% of its energy")
     return "\n".join(lines)
 
 
