@@ -225,6 +225,18 @@ class RunRecipe(io.ComfyNode):
             vector = task_vector_of(recipe, paths, **run)
         return io.NodeOutput(vector, json.dumps(recipe), ui=ui.PreviewText("\n".join(lines)))
 
+    @classmethod
+    def fingerprint_inputs(cls, recipe_file=NO_FILE, recipe_json="", write_file=False, filename_prefix="rerun"):
+        """Run again when the recipe file or any file its inputs could be read from changed (size or time)."""
+        try:
+            recipe = load_recipe(recipe_file, recipe_json)
+            paths = [resolve_source(recipe_file)] if recipe_file and recipe_file != NO_FILE else []
+            for entry in recipe["inputs"].values():
+                paths += find_input(entry["file"])
+            return json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
+        except Exception:  # cannot tell: run, and let the run report the problem
+            return float("nan")
+
 
 def load_recipe(recipe_file: str, recipe_json: str) -> dict:
     if recipe_file and recipe_file != NO_FILE:

@@ -111,10 +111,15 @@ def test_missing_and_changed_inputs_are_named(model_files, comfyui):
     names = model_files("refuse")
     saved = first(recipe_nodes.SaveRecipe.execute(from_files(names, "a"), "recipes/refuse"))
     checkpoints = comfyui / "models" / "checkpoints"
+    before = recipe_nodes.RunRecipe.fingerprint_inputs(recipe_json=saved)
+    assert recipe_nodes.RunRecipe.fingerprint_inputs(recipe_json=saved) == before  # unchanged files: cached
     shutil.copy(checkpoints / names["b"], checkpoints / names["a"])  # same name, other weights
+    assert recipe_nodes.RunRecipe.fingerprint_inputs(recipe_json=saved) != before
     with pytest.raises(RecipeInputChanged, match=r"refuse_a\.safetensors.*dmh1 in the recipe \w+, of .* \w+"):
         recipe_nodes.RunRecipe.execute(recipe_json=saved)
+    changed = recipe_nodes.RunRecipe.fingerprint_inputs(recipe_json=saved)
     (checkpoints / names["a"]).unlink()
+    assert recipe_nodes.RunRecipe.fingerprint_inputs(recipe_json=saved) != changed
     with pytest.raises(RecipeInputMissing, match=r"'refuse_a\.safetensors' \(input1\) was not found"):
         recipe_nodes.RunRecipe.execute(recipe_json=saved)
 
