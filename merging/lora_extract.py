@@ -151,7 +151,7 @@ def low_rank_factors(matrix: torch.Tensor, rule: RankRule, backend: str = "auto"
         factors = low_rank_factors(matrix.T, rule, backend)
         return Factors(factors.down.T, factors.up.T, factors.retained, factors.total)
     matrix = matrix.float()
-    total = float(matrix.double().square().sum())
+    total = squared_norm(matrix)
     if total == 0.0:
         empty = matrix.new_zeros
         return Factors(empty((matrix.shape[0], 0)), empty((0, matrix.shape[1])), 0.0, 0.0)
@@ -164,6 +164,11 @@ def low_rank_factors(matrix: torch.Tensor, rule: RankRule, backend: str = "auto"
     up = basis * scale
     down = coords / scale.unsqueeze(1)
     return Factors(up, down, min(float(energies.sum()), total), total)  # ≤ total also when rounding says more
+
+
+def squared_norm(tensor: torch.Tensor) -> float:
+    """‖tensor‖²_F, accumulated in fp64 without an fp64 copy of the tensor."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
 
 
 def _dominant_basis(wide: torch.Tensor, rule: RankRule, backend: str) -> torch.Tensor:
@@ -361,7 +366,7 @@ def _extract_key(vector, key, rule, conv, other_keys, backend, device) -> tuple[
         return KeyResult(key, shape, kind), {}
     delta = vector.delta(key, device)
     _check_finite(key, delta)
-    total = float(delta.double().square().sum())
+    total = squared_norm(delta)
     if total == 0.0:
         return KeyResult(key, shape, "zero"), {}
     if kind == "diff":
