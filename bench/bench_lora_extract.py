@@ -8,6 +8,7 @@ task vector, each in a fresh subprocess, and reports wall time, peak RSS and the
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_lora_extract.py --keys 48     # a subset on the CPU (~30 min)
     .venv/bin/python bench/bench_lora_extract.py --device cuda                   # all 1680 keys, on a GPU
     .venv/bin/python bench/bench_lora_extract.py --dry-run                       # tiny shapes, in process (a test)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_lora_extract.py --per-shape   # each backend on single SDXL shapes
 
 **Input.** ``sdxl_tau_<N>keys_a<α>.safetensors`` in ``--work-dir``: a task vector in this pack's saved layout
 (fp16) with the SDXL UNet's keys (``sdxl_shapes.py``; ``--keys N`` takes N evenly spread). A fine-tune's change
@@ -56,6 +57,7 @@ from sdxl_shapes import load_shapes  # noqa: E402
 
 import merging  # noqa: E402
 from merging.io import SafetensorsFile  # noqa: E402
+from merging.lora_extract import RankRule, low_rank_factors  # noqa: E402
 from merging.task_vectors import ComputedDeltas, TaskVector  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -270,6 +272,69 @@ def run_all(options: argparse.Namespace) -> dict:
     return result
 
 
+PER_SHAPE = ((320, 320), (640, 640), (1280, 1280), (1280, 2048), (10240, 1280), (1280, 5120), (1280, 11520))
+
+
+def per_shape(options: argparse.Namespace) -> dict:
+    """Each backend on one spectral matrix per typical SDXL shape: best-of-2 seconds and the energy kept
+    (relative to the optimum, the truncated SVD)."""
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(options.device)}
+    rows = []
+    for rows_, cols in PER_SHAPE:
+        matrix = spectral_delta(f"shape{rows_}x{cols}", (rows_, cols), options.alpha).to(options.device)
+        singular = torch.linalg.svdvals(matrix.double()).square()
+        for rank in options.ranks:
+            optimum = float(singular[:rank].sum() / singular.sum())
+            for backend in options.backends:
+                rule = RankRule(rank=rank)
+                times = []
+                for _ in range(2):
+                    synchronize(options.device)
+                    started = time.perf_counter()
+                    factors = low_rank_factors(matrix, rule, backend)
+                    synchronize(options.device)
+                    times.append(time.perf_counter() - started)
+                energy = factors.retained / factors.total
+                rows.append(
+                    {
+                        "shape": [rows_, cols],
+                        "rank": rank,
+                        "backend": backend,
+                        "seconds": min(times),
+                        "energy": energy,
+                        "optimum": optimum,
+                    }
+                )
+                logger.info(
+                    "%dx%d r%d %s: %.3f s, energy %.4f (optimum %.4f)",
+                    rows_,
+                    cols,
+                    rank,
+                    backend,
+                    min(times),
+                    energy,
+                    optimum,
+                )
+    result["rows"] = rows
+    return result
+
+
+def per_shape_table(result: dict) -> str:
+    backends = list(dict.fromkeys(row["backend"] for row in result["rows"]))
+    lines = [
+        "| shape | rank | " + " | ".join(f"{b}: s / energy" for b in backends) + " | optimum energy |",
+        "|---|---|" + "---|" * (len(backends) + 1),
+    ]
+    groups: dict[tuple, dict] = {}
+    for row in result["rows"]:
+        groups.setdefault((tuple(row["shape"]), row["rank"]), {})[row["backend"]] = row
+    for (shape, rank), by_backend in groups.items():
+        cells = [f"{by_backend[b]['seconds']:.2f} / {by_backend[b]['energy']:.4f}" for b in backends]
+        optimum = next(iter(by_backend.values()))["optimum"]
+        lines.append(f"| {shape[0]}×{shape[1]} | {rank} | " + " | ".join(cells) + f" | {optimum:.4f} |")
+    return "\n".join(lines)
+
+
 def machine(device: str) -> dict:
     info = {
         "cpus": os.cpu_count(),
@@ -316,6 +381,7 @@ def parse_options(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, ranks 2 and 4, in process (for tests)")
+    parser.add_argument("--per-shape", action="store_true", help="time each backend on single SDXL-shaped matrices")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "ARGUMENTS"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.dry_run:
@@ -334,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         kind, arguments = options.child
         print(json.dumps(child(kind, json.loads(arguments))))
         return None
+    if options.per_shape:
+        result = per_shape(options)
+        path = options.results if options.results != RESULTS else RESULTS.with_name("lora_extract_per_shape.json")
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(per_shape_table(result))
+        return result
     result = run_all(options)
     print(table(result))
     return result

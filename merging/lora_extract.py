@@ -316,6 +316,7 @@ def extract_lora(
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool | None] | None = None,
+    full_hash: bool = False,
 ) -> LoraReport:
     """Write a LoRA approximating ``vector`` to ``path`` (atomically) and return the per-key report.
 
@@ -353,7 +354,7 @@ def extract_lora(
                 progress(done, len(keys))
         report.seconds = time.perf_counter() - started
         report.parameters = writer.parameters
-        writer.finish(_metadata(vector, report, conv, other_keys, backend, target, metadata))
+        writer.finish(_metadata(vector, report, conv, other_keys, backend, target, metadata, full_hash))
     return report
 
 
@@ -396,7 +397,7 @@ def _stored(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return stored.contiguous()
 
 
-def _metadata(vector, report, conv, other_keys, backend, dtype, extra) -> dict[str, str]:
+def _metadata(vector, report, conv, other_keys, backend, dtype, extra, full_hash) -> dict[str, str]:
     from .recipes import RECIPE_METADATA_KEY, recipe_of  # recipes imports this module
 
     totals = report.totals()
@@ -414,7 +415,7 @@ def _metadata(vector, report, conv, other_keys, backend, dtype, extra) -> dict[s
         "dm_lora_energy": f"{totals['energy']:.6f}",
         "dm_lora_factored_energy": f"{totals['factored_energy']:.6f}",
         "dm_lora_keys": json.dumps(per_key, separators=(",", ":")),
-        RECIPE_METADATA_KEY: json.dumps(recipe_of(vector, result)),
+        RECIPE_METADATA_KEY: json.dumps(recipe_of(vector, result, full_hash=full_hash)),
         **(extra or {}),
     }
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .file_identity import HASH_NAME, FileOrigin, full_hash, identity, sampled_hash
+from .file_identity import HASH_NAME, FileOrigin, identity, sampled_hash
+from .file_identity import full_hash as whole_file_sha256
 from .io import SafetensorsFile, parse_dtype
 from .task_vectors import DeltaLeaf, TaskVector, _Selected
 
@@ -306,7 +307,7 @@ def verify_input(name: str, path: Path, entry: Mapping[str, Any]) -> None:
             f"recipe input '{name}' differs: the recipe's file has {entry['bytes']} bytes, '{path}' has {size} "
             f"(recipe {HASH_NAME} {entry.get(HASH_NAME, '?')}, found {sampled_hash(path)})"
         )
-    checks = [(HASH_NAME, sampled_hash)] + ([("sha256", full_hash)] if "sha256" in entry else [])
+    checks = [(HASH_NAME, sampled_hash)] + ([("sha256", whole_file_sha256)] if "sha256" in entry else [])
     if HASH_NAME not in entry:
         raise RecipeError(f"recipe input '{name}' records no {HASH_NAME} hash")
     for label, compute in checks:
@@ -366,6 +367,13 @@ def _build_vector(expression: Mapping[str, Any], context: _Context) -> TaskVecto
 
 def _build_leaf(leaf: Mapping[str, Any], context: _Context) -> TaskVector:
     """A one-term task vector (coefficient 1) holding the leaf the expression describes."""
+    try:
+        return _make_leaf(leaf, context)
+    except KeyError as missing:
+        raise RecipeError(f"recipe step {leaf.get('op')!r} has no {missing}") from None
+
+
+def _make_leaf(leaf: Mapping[str, Any], context: _Context) -> TaskVector:
     from .lora_extract import load_lora
     from .merge import merge_to_task_vector
     from .task_vector_files import load_task_vector, task_vector_from_files
@@ -440,7 +448,19 @@ def run_recipe(
     if kind == "checkpoint":
         return _rerun_checkpoint(recipe, paths, Path(output_path), device, progress, should_stop)
     vector = task_vector_of(recipe, paths, device=device, progress=progress, should_stop=should_stop)
-    return write_result(recipe["result"], vector, Path(output_path), device=device, should_stop=should_stop)
+    return write_result(
+        recipe["result"],
+        vector,
+        Path(output_path),
+        device=device,
+        should_stop=should_stop,
+        full_hash=full_hashes(recipe),
+    )
+
+
+def full_hashes(recipe: Mapping[str, Any]) -> bool:
+    """Whether the recipe recorded whole-file SHA-256s (a re-run records them too, so its recipe is equal)."""
+    return any("sha256" in entry for entry in recipe.get("inputs", {}).values())
 
 
 def write_result(
@@ -452,6 +472,7 @@ def write_result(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool | None] | None = None,
     metadata: Mapping[str, str] | None = None,
+    full_hash: bool = False,
 ) -> Path:
     """Write ``vector`` as the file a task-vector or LoRA recipe result describes."""
     from .lora_extract import extract_lora
@@ -460,7 +481,9 @@ def write_result(
     if result["kind"] == "task_vector":
         dtype = result.get("dtype", "float16")
         done = (lambda count: progress(count, len(vector))) if progress is not None else None
-        return save_task_vector(vector, output_path, dtype=dtype, device=device, progress=done, metadata=metadata)
+        return save_task_vector(
+            vector, output_path, dtype=dtype, device=device, progress=done, metadata=metadata, full_hash=full_hash
+        )
     if result["kind"] == "lora":
         settings = {name: result.get(name) for name in ("rank", "energy", "max_rank")}
         extract_lora(
@@ -475,6 +498,7 @@ def write_result(
             metadata=metadata,
             progress=progress,
             should_stop=should_stop,
+            full_hash=full_hash,
         )
         return output_path
     raise RecipeError(f"a '{result['kind']}' result is not written from a task vector")
@@ -500,6 +524,7 @@ def _rerun_checkpoint(recipe, paths, output_path, device, progress, should_stop)
         device=device,
         progress=progress,
         should_stop=should_stop,
+        full_hash=full_hashes(recipe),
         **merge.get("params", {}),
     )
 

@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 
 from .. import merging
 from ..merging.recipes import (
+    full_hashes,
     locate_inputs,
     read_recipe,
     recipe_inputs_table,
@@ -257,7 +258,7 @@ def write_again(recipe: dict, paths: dict, path: Path, hidden, run: dict) -> Tas
         merging.run_recipe(recipe, path, files={recipe["inputs"][i]["file"]: p for i, p in paths.items()}, **run)
         return task_vector_from_files(path, paths[recipe["result"]["base"]])
     vector = task_vector_of(recipe, paths, **run)
-    write_result(recipe["result"], vector, path, metadata=metadata, **run)
+    write_result(recipe["result"], vector, path, metadata=metadata, full_hash=full_hashes(recipe), **run)
     return merging.load_lora(path) if kind == "lora" else vector
 
 

@@ -348,3 +348,20 @@ def test_small_files_are_hashed_whole(tmp_path):
     raw[len(raw) // 2] ^= 1
     path.write_bytes(bytes(raw))
     assert file_identity.sampled_hash(path) != before
+
+
+def test_a_recipe_with_full_hashes_reruns_to_a_file_with_full_hashes(files, tmp_path):
+    first = merging.save_task_vector(tau(files, "ft_a"), tmp_path / "tv.safetensors", "fp32", full_hash=True)
+    assert all("sha256" in entry for entry in file_recipe(first)["inputs"].values())
+    again = run_recipe(first, tmp_path / "again.safetensors", folders=[files["base"].parent])
+    assert file_recipe(again) == file_recipe(first)
+
+
+def test_a_malformed_step_is_named(files):
+    recipe = roundtrip(recipe_of(tau(files, "ft_a")))
+    del recipe["task_vector"]["sum"][0]["leaf"]["base"]
+    with pytest.raises(RecipeError, match="recipe step 'difference' has no 'base'"):
+        run_recipe(recipe, folders=[files["base"].parent])
+    recipe["task_vector"]["sum"][0]["leaf"] = {"op": "magic"}
+    with pytest.raises(RecipeError, match="unknown recipe step 'magic'"):
+        run_recipe(recipe, folders=[files["base"].parent])
