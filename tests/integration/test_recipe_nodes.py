@@ -132,13 +132,12 @@ def test_recipes_of_models_loaded_in_comfyui_say_they_cannot_be_rerun(tiny_sd15,
     with pytest.raises(RecipeError, match=r"cannot be re-run.*finetuned MODEL"):
         recipe_nodes.RunRecipe.execute(recipe_json=first(saved))
     patched, _ = tv_nodes.TaskVectorApply.execute(base, vector, 0.5).result
-    checkpoint_nodes.SaveCheckpointStreaming.execute(patched, "checkpoints/applied", "fp16")
-    written = newest(comfyui / "output" / "checkpoints", "applied_*.safetensors")
-    recipe = json.loads(SafetensorsFile(written).metadata["dm_rerun_recipe"])
-    assert recipe["result"]["kind"] == "checkpoint" and recipe["result"]["base"] is None
+    metadata = checkpoint_nodes.checkpoint_metadata(patched, None, torch.float16)  # what Save Checkpoint writes
+    recipe = json.loads(metadata["dm_rerun_recipe"])
+    assert recipe["result"] == {"kind": "checkpoint", "base": None, "dtype": "float16"}
     assert recipe["task_vector"]["sum"][0]["coefficient"] == 0.5
     with pytest.raises(RecipeError, match="saved from a MODEL loaded in ComfyUI"):
-        recipe_nodes.RunRecipe.execute(recipe_file=f"output/checkpoints/{written.name}")
+        recipe_nodes.RunRecipe.execute(recipe_json=metadata["dm_rerun_recipe"])
 
 
 def test_no_recipe_is_a_clear_error(comfyui):
