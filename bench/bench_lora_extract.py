@@ -79,22 +79,23 @@ DRY_SHAPES = {
 # -- the input ----------------------------------------------------------------------------------------
 
 
-def spectral_delta(key: str, shape: tuple[int, ...], alpha: float, seed: int = 0) -> torch.Tensor:
-    """One key of the synthetic task vector (see the module docstring)."""
+def spectral_delta(key: str, shape: tuple[int, ...], alpha: float, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """One key of the synthetic task vector (see the module docstring); drawn on the CPU (seeded), multiplied
+    on ``device``."""
     generator = torch.Generator().manual_seed((seed << 32) | zlib.crc32(key.encode()))
     if len(shape) < 2:
         return torch.randn(shape, generator=generator) * (RELATIVE_DELTA * 0.02)
     rows, cols = shape[0], math.prod(shape[1:])
     inner = min(rows, cols)
     spectrum = (1.0 + torch.arange(inner, dtype=torch.float32)) ** -alpha
-    left = torch.randn(rows, inner, generator=generator) / math.sqrt(rows)
-    right = torch.randn(inner, cols, generator=generator) / math.sqrt(cols)
-    delta = (left * spectrum) @ right
+    left = torch.randn(rows, inner, generator=generator).to(device) / math.sqrt(rows)
+    right = torch.randn(inner, cols, generator=generator).to(device) / math.sqrt(cols)
+    delta = ((left * spectrum.to(device)) @ right).cpu()
     target = RELATIVE_DELTA * math.sqrt(rows)  # ‖N(0, 1/fan_in) noise of that shape‖_F, times 1 %
     return delta.mul_(target / float(delta.norm())).reshape(shape)
 
 
-def ensure_task_vector(work_dir: Path, shapes: dict, alpha: float) -> Path:
+def ensure_task_vector(work_dir: Path, shapes: dict, alpha: float, device: str = "cpu") -> Path:
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f"sdxl_tau_{len(shapes)}keys_a{alpha:g}.safetensors"
     recipe = json.dumps({"format": FORMAT, "alpha": alpha, "keys": len(shapes), "relative": RELATIVE_DELTA})
@@ -104,9 +105,11 @@ def ensure_task_vector(work_dir: Path, shapes: dict, alpha: float) -> Path:
     logger.info("generating %s (%d keys) …", path, len(shapes))
     started = time.perf_counter()
     named = {"diffusion_model." + key: shape for key, shape in shapes.items()}
-    leaf = ComputedDeltas(
-        named, lambda key, device: spectral_delta(key.removeprefix("diffusion_model."), named[key], alpha), "bench"
-    )
+
+    def generate(key: str, _target) -> torch.Tensor:  # computed on `device`, returned on the CPU for the writer
+        return spectral_delta(key.removeprefix("diffusion_model."), named[key], alpha, device=device)
+
+    leaf = ComputedDeltas(named, generate, "bench")
     merging.save_task_vector(
         TaskVector(((1.0, leaf),)), path, dtype="fp16", metadata={"dm_bench": recipe}, device="cpu"
     )
@@ -206,7 +209,11 @@ def relative_error(tau: str, lora: str, device: str) -> float:
 
 
 def child(kind: str, arguments: dict) -> dict:
+    if arguments["device"].startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     report = run_core(**arguments) if kind == "core" else run_ours(**arguments)
+    if arguments["device"].startswith("cuda"):
+        report["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
     report["relative_error"] = relative_error(arguments["tau"], arguments["out"], arguments["device"])
     report["lora_bytes"] = Path(arguments["out"]).stat().st_size
     report["torch_threads"] = torch.get_num_threads()
@@ -233,7 +240,7 @@ def measured(kind: str, arguments: dict, in_process: bool) -> dict:
 
 def run_all(options: argparse.Namespace) -> dict:
     shapes = DRY_SHAPES if options.dry_run else select_keys(load_shapes(), options.keys)
-    tau = ensure_task_vector(options.work_dir, shapes, options.alpha)
+    tau = ensure_task_vector(options.work_dir, shapes, options.alpha, options.device)
     core_mode = options.core_mode or ("node" if len(shapes) == len(load_shapes()) else "function")
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
