@@ -268,9 +268,9 @@ def locate_inputs(
             raise RecipeError(f"recipe input {input_id} has no valid file name ({name!r})")
         candidates = _candidates(name, folders, files or {}, find)
         if not candidates:
-            places = ", ".join(str(f) for f in folders) or "no folders"
-            extra = " and the model folders" if find is not None else ""
-            raise RecipeInputMissing(f"recipe input '{name}' ({input_id}) was not found in {places}{extra}")
+            places = [str(f) for f in folders] + (["the model and output folders"] if find is not None else [])
+            where = ", ".join(places) or "no folder (pass folders=[...] or files={name: path})"
+            raise RecipeInputMissing(f"recipe input '{name}' ({input_id}) was not found in {where}")
         located[input_id] = _first_matching(name, candidates, entry)
     return located
 

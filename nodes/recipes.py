@@ -30,7 +30,7 @@ RECIPE_CATEGORY = f"{CATEGORY}/recipes"
 RECIPE_FOLDER = "recipes"
 RECIPE_SUFFIXES = (".json",)
 INPUT_FOLDERS = ("checkpoints", "diffusion_models", bridge.TASK_VECTOR_FOLDER, "loras")
-"""Model folders a recipe's input files are looked up in (and the same names under ComfyUI's output folder)."""
+"""Model folders a recipe's input files are looked up in (and ComfyUI's whole output folder)."""
 FILE_SOURCE_FOLDERS = (RECIPE_FOLDER, bridge.TASK_VECTOR_FOLDER, "checkpoints", "loras")
 OUTPUT_SOURCE_FOLDERS = ("checkpoints", "loras")
 NO_FILE = "none (use recipe_json)"
@@ -88,7 +88,8 @@ def resolve_source(source: str) -> Path:
 
 
 def find_input(name: str) -> list[Path]:
-    """Every file called ``name`` in the input model folders and under the same names in the output folder."""
+    """Every file called ``name`` in the input model folders and anywhere in the output folder (the hash check
+    picks the right one)."""
     found = []
     for folder in INPUT_FOLDERS:
         for relative in folder_paths.get_filename_list(folder):
@@ -97,9 +98,7 @@ def find_input(name: str) -> list[Path]:
                 if path:
                     found.append(Path(path))
     output = Path(folder_paths.get_output_directory())
-    for folder in INPUT_FOLDERS:
-        if (output / folder).is_dir():
-            found += [p for p in (output / folder).rglob(name) if p.is_file()]
+    found += sorted(p for p in output.rglob(name) if p.is_file())  # what the pack (or anything) saved there
     return found
 
 
