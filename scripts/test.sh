@@ -6,6 +6,7 @@
 #   bash scripts/test.sh                      # ComfyUI 0.33.0 (newest) and 0.3.64 (the floor), each in its venv
 #   bash scripts/test.sh tests/unit -q        # arguments go to pytest, for each ComfyUI
 #   COMFYUI_PATH=/path/to/ComfyUI bash scripts/test.sh          # one ComfyUI only (VENV may name its venv)
+#   VENV=.venv-0.3.64 bash scripts/test.sh                       # the ComfyUI that venv was made for
 #
 # With no COMFYUI_PATH, a pack installed in ComfyUI/custom_nodes/ tests that ComfyUI; otherwise the
 # snapshots beside the project are tested (../shared/ComfyUI-0.33.0, ../shared/ComfyUI = 0.3.64).
@@ -13,6 +14,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK_ROOT="$(pwd)"
 
+if [[ -n "${VENV:-}" && -z "${COMFYUI_PATH:-}" && -f "$VENV/.dm-stamp" ]]; then
+    # a venv made by setup_venv.sh names the ComfyUI it was made for in its stamp
+    made_for="$(sed -n 's/.* -r \(.*\)\/requirements\.txt .*/\1/p' "$VENV/.dm-stamp")"
+    [[ -f "$made_for/main.py" ]] && COMFYUI_PATH="$made_for"
+fi
 targets=()
 if [[ -n "${COMFYUI_PATH:-}" ]]; then
     targets=("$COMFYUI_PATH")
@@ -21,7 +27,8 @@ elif [[ "$(basename "$(dirname "$PACK_ROOT")")" == "custom_nodes" ]]; then
 else
     targets=("$PACK_ROOT/../shared/ComfyUI-0.33.0" "$PACK_ROOT/../shared/ComfyUI")
     if [[ -n "${VENV:-}" ]]; then
-        echo "VENV names one environment, but two ComfyUI versions are tested: set COMFYUI_PATH too" >&2
+        echo "VENV names one environment, but two ComfyUI versions are tested: set COMFYUI_PATH too" \
+            "(the ComfyUI it was made for)" >&2
         exit 2
     fi
 fi
