@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from . import device as devices
 from .io import shape_of
 from .task_vectors import TaskVector
 
@@ -203,17 +204,18 @@ def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, o
     """Fill ``out`` (N, chunk entries) with each task's fp32 deltas for the chunk's keys; absent keys are 0.
 
     On CUDA a task's keys are concatenated in one kernel (launches dominate there); on the CPU each key is
-    copied into place, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes.
-    Raises ValueError naming the task and key when a delta holds NaN/Inf.
+    copied into place, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes. Nothing
+    is checked here: see :class:`FiniteCheck`.
     """
+    batched = devices.batched_kernels(device)
     for row, source in zip(out, sources, strict=True):
-        if device.type == "cpu" and hasattr(source, "fetch_into"):
+        if not batched and hasattr(source, "fetch_into"):
             for segment in chunk.segments:
                 if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
                     row[segment.span].zero_()
             continue
         parts = [source.fetch(segment.key, device) for segment in chunk.segments]
-        if device.type != "cpu" and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+        if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
             flat = [part.reshape(-1) for part in parts]
             if parts[0].dtype == torch.float32:
                 torch.cat(flat, out=row)
@@ -225,17 +227,53 @@ def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, o
                 row[segment.span].zero_()
             else:
                 row[segment.span].copy_(part.reshape(-1))
-    if not bool(torch.isfinite(out.sum())):
-        _raise_on_nonfinite(out, chunk)
     return out
 
 
-def _raise_on_nonfinite(stack: torch.Tensor, chunk: Chunk) -> None:
-    """Name the first task and key with NaN/Inf (a non-finite sum can also be a harmless overflow)."""
-    for index, row in enumerate(stack, start=1):
-        for segment in chunk.segments:
-            if not bool(torch.isfinite(row[segment.span]).all()):
-                raise ValueError(
-                    f"task vector {index}: key '{segment.key}' has NaN/Inf values in its delta — "
-                    "fix the source model, or extract the task vector with non-finite keys skipped"
-                )
+class FiniteCheck:
+    """Refuses NaN/Inf deltas, naming the task and key, without stalling an accelerator on every chunk.
+
+    ``record(stack, chunk)`` queues the test of a gathered chunk (a finite sum proves every entry finite; on
+    CUDA the verdict is copied to pinned host memory asynchronously); ``confirm(chunk)`` waits for that
+    chunk's verdict only — the merge confirms chunk i after queueing chunk i+1, so the device never runs
+    dry — and raises ValueError when it failed, after gathering the chunk again to find the culprit (the
+    stack has been reused by then). The test costs one host read per chunk, none per key.
+    """
+
+    def __init__(self, sources: Sequence[DeltaSource], device: torch.device):
+        self.sources, self.device = sources, device
+        self._pending: dict[Chunk, object] = {}
+
+    def record(self, stack: torch.Tensor, chunk: Chunk) -> None:
+        finite = torch.isfinite(stack.sum())
+        if self.device.type != "cuda":
+            self._pending[chunk] = bool(finite)
+            return
+        verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
+        verdict.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending[chunk] = (verdict, event)
+
+    def confirm(self, chunk: Chunk) -> None:
+        pending = self._pending.pop(chunk)
+        if isinstance(pending, tuple):
+            verdict, event = pending
+            event.synchronize()
+            pending = bool(verdict)
+        if not pending:
+            self.raise_for(chunk)
+
+    def raise_for(self, chunk: Chunk) -> None:
+        """Gather ``chunk`` again and raise for its first non-finite task and key (a non-finite *sum* can
+        also be an overflow of finite values, which passes)."""
+        stack = gather(
+            self.sources, chunk, self.device, torch.empty(len(self.sources), chunk.numel, device=self.device)
+        )
+        for index, row in enumerate(stack, start=1):
+            for segment in chunk.segments:
+                if not bool(torch.isfinite(row[segment.span]).all()):
+                    raise ValueError(
+                        f"task vector {index}: key '{segment.key}' has NaN/Inf values in its delta — "
+                        "fix the source model, or extract the task vector with non-finite keys skipped"
+                    )

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from . import consensus, drm, sparsify
-from .chunks import CHUNK_NUMEL, Chunk, Scratch, as_sources, gather, plan_chunks, union_shapes
+from .chunks import CHUNK_NUMEL, Chunk, FiniteCheck, Scratch, as_sources, gather, plan_chunks, union_shapes
 from .device import best_device
 from .key_weights import key_multiplier
 from .methods import MergeConfig, resolve_merge
 from .task_vectors import StoredDeltas, TaskVector
-from .topk import kth_largest_magnitude
+from .topk import NonFiniteMagnitudes, kth_largest_magnitude
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class _MergeRun:
         self.progress, self.should_stop = progress, should_stop
         self.chunk_numel = chunk_numel
         self.scratch = Scratch(device)
+        self.finite = FiniteCheck(sources, device)
         self.weights = None if config.uniform_weights else torch.tensor(config.weights, device=device)
         self.linear = {
             key: config.method.basis == "svd" and drm.is_linear(key, shape, config.params["conv"])
@@ -115,17 +116,21 @@ class _MergeRun:
     def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
         thresholds = self._global_thresholds() if self.global_trim else None
-        for chunk in plan_chunks(self.shapes, list(self.shapes), self.chunk_numel):
-            stack = self._gather(chunk)
-            out = self.scratch.get("out", (chunk.numel,))  # yielded views: valid until the next chunk
+        previous = None
+        for index, chunk in enumerate(plan_chunks(self.shapes, list(self.shapes), self.chunk_numel)):
+            stack = self._gather(chunk, check=True)
+            # Two output buffers: chunk i is yielded (after its finiteness verdict) once chunk i+1 is queued.
+            out = self.scratch.get(f"out{index % 2}", (chunk.numel,))  # yielded views: valid until the next chunk
             if self.config.method.basis == "svd":
                 self._merge_per_key(stack, out, chunk, thresholds)
             else:
                 self._merge_raw(stack, out, chunk, thresholds)
             self._scale(out, chunk)
-            self._advance(len(chunk.segments))
-            for segment in chunk.segments:
-                yield segment.key, out[segment.span].view(segment.shape)
+            if previous is not None:
+                yield from self._release(*previous)
+            previous = chunk, out
+        if previous is not None:
+            yield from self._release(*previous)
         logger.info(
             "%s merge of %d task vectors, %d keys: %.2f s on %s",
             self.config.method.name,
@@ -134,6 +139,12 @@ class _MergeRun:
             time.perf_counter() - started,
             self.device,
         )
+
+    def _release(self, chunk: Chunk, out: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        self.finite.confirm(chunk)
+        self._advance(len(chunk.segments))
+        for segment in chunk.segments:
+            yield segment.key, out[segment.span].view(segment.shape)
 
     def _global_thresholds(self) -> torch.Tensor:
         """Each task's exact threshold over all raw keys (TIES / LaS / DRM non-linear trims)."""
@@ -148,10 +159,15 @@ class _MergeRun:
             # pass, which walks them forwards, starts on what this pass left in the page cache: inputs larger
             # than RAM are otherwise read from disk in full by every pass.
             for chunk in reversed(chunks) if next(passes) == 0 else chunks:
-                yield self._gather(chunk)
+                yield self._gather(chunk, check=False)  # NaN/inf land in the histogram's top bins
                 self._advance(len(chunk.segments))
 
-        thresholds = kth_largest_magnitude(stacks, [rank] * len(self.sources), self.device)
+        try:
+            thresholds = kth_largest_magnitude(stacks, [rank] * len(self.sources), self.device)
+        except NonFiniteMagnitudes:
+            for chunk in chunks:
+                self.finite.raise_for(chunk)
+            raise
         self.done = 2 * len(self.raw_keys)
         self._report()
         return thresholds
@@ -230,11 +246,14 @@ class _MergeRun:
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
         return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
 
-    def _gather(self, chunk: Chunk) -> torch.Tensor:
+    def _gather(self, chunk: Chunk, check: bool) -> torch.Tensor:
         if self.should_stop is not None and self.should_stop():
             raise MergeCancelled(f"{self.config.method.name} merge cancelled")
         stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
-        return gather(self.sources, chunk, self.device, stack)
+        gather(self.sources, chunk, self.device, stack)
+        if check:
+            self.finite.record(stack, chunk)
+        return stack
 
     def _advance(self, keys: int) -> None:
         self.done += keys
