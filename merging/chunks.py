@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -178,6 +178,42 @@ def plan_chunks(shapes: Mapping[str, tuple[int, ...]], keys: Sequence[str], limi
     if current:
         chunks.append(Chunk(tuple(current)))
     return chunks
+
+
+class ChunkTables:
+    """A plan's chunks described on the device, for kernels that work on a whole chunk at once.
+
+    Built once per merge, with one small host-to-device copy per table (a copy per chunk would make the host
+    wait for the device on CUDA). Segment s of the plan is the s-th key of the plan's chunks in order; chunk i
+    owns segments ``segments(i)``.
+    """
+
+    def __init__(self, chunks: Sequence[Chunk], device: torch.device):
+        self.chunks, self.device = list(chunks), device
+        self.index = {chunk: i for i, chunk in enumerate(self.chunks)}
+        self.bounds = [0]
+        for chunk in self.chunks:
+            self.bounds.append(self.bounds[-1] + len(chunk.segments))
+        self.numels = devices.to_device([s.numel for c in self.chunks for s in c.segments], torch.int64, device)
+        self._tables: dict[Hashable, torch.Tensor] = {}
+
+    def segments(self, chunk: Chunk) -> slice:
+        i = self.index[chunk]
+        return slice(self.bounds[i], self.bounds[i + 1])
+
+    def table(self, name: Hashable, build: Callable[[], list], dtype: torch.dtype) -> torch.Tensor:
+        """A (…, segments) table of the plan: ``build()`` (nested host lists) on the device, made once."""
+        if name not in self._tables:
+            self._tables[name] = devices.to_device(build(), dtype, self.device)
+        return self._tables[name]
+
+    def segment_ids(self, chunk: Chunk, scratch: Scratch) -> torch.Tensor:
+        """(entries,) int32: each entry's segment within ``chunk`` (0 … keys − 1)."""
+        span = self.segments(chunk)
+        ids = torch.arange(span.stop - span.start, dtype=torch.int32, device=self.device)
+        if len(ids) == 1:
+            return scratch.get("segment_ids", (chunk.numel,), torch.int32).zero_()
+        return torch.repeat_interleave(ids, self.numels[span], output_size=chunk.numel)
 
 
 class Scratch:

@@ -27,7 +27,18 @@ from typing import Any
 import torch
 
 from . import consensus, drm, sparsify
-from .chunks import CHUNK_NUMEL, Chunk, FiniteCheck, Scratch, as_sources, gather, plan_chunks, union_shapes
+from . import device as devices
+from .chunks import (
+    CHUNK_NUMEL,
+    Chunk,
+    ChunkTables,
+    FiniteCheck,
+    Scratch,
+    as_sources,
+    gather,
+    plan_chunks,
+    union_shapes,
+)
 from .device import best_device
 from .key_weights import key_multiplier
 from .methods import MergeConfig, resolve_merge
@@ -101,6 +112,7 @@ class _MergeRun:
         self.chunk_numel = chunk_numel
         self.scratch = Scratch(device)
         self.finite = FiniteCheck(sources, device)
+        self.tables: ChunkTables | None = None
         self.weights = None if config.uniform_weights else torch.tensor(config.weights, device=device)
         self.linear = {
             key: config.method.basis == "svd" and drm.is_linear(key, shape, config.params["conv"])
@@ -117,7 +129,9 @@ class _MergeRun:
         started = time.perf_counter()
         thresholds = self._global_thresholds() if self.global_trim else None
         previous = None
-        for index, chunk in enumerate(plan_chunks(self.shapes, list(self.shapes), self.chunk_numel)):
+        chunks = plan_chunks(self.shapes, list(self.shapes), self.chunk_numel)
+        self.tables = ChunkTables(chunks, self.device) if self._needs_tables() else None
+        for index, chunk in enumerate(chunks):
             stack = self._gather(chunk, check=True)
             # Two output buffers: chunk i is yielded (after its finiteness verdict) once chunk i+1 is queued.
             out = self.scratch.get(f"out{index % 2}", (chunk.numel,))  # yielded views: valid until the next chunk
@@ -192,12 +206,13 @@ class _MergeRun:
     def _sparsify(self, stack: torch.Tensor, chunk: Chunk, thresholds, mask: torch.Tensor) -> None:
         config = self.config
         if config.method.sparsify == "random":
-            sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch)
+            sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch, self.tables)
         elif config.method.sparsify == "magnitude":
             if thresholds is not None:
                 sparsify.apply_threshold_(stack, thresholds, self._rule.strict, mask)
             elif config.params.get("topk_scope") == "per_tensor":
-                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask)
+                tables = self.tables if devices.batched_kernels(self.device) else None
+                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask, tables, self.scratch)
 
     def _merge_per_key(self, stack: torch.Tensor, out: torch.Tensor, chunk: Chunk, thresholds) -> None:
         """DRM: 2-D weights through the joint SVD basis, every other key through the raw path."""
@@ -236,6 +251,11 @@ class _MergeRun:
     @property
     def _rule(self) -> sparsify.RankRule:
         return sparsify.RANK_RULES[self.config.method.rank_rule]
+
+    def _needs_tables(self) -> bool:
+        """Whether a stage works on whole chunks from device tables (DARE; per-key trims on accelerators)."""
+        per_tensor = self.config.params.get("topk_scope") == "per_tensor"
+        return self.config.method.sparsify == "random" or (per_tensor and devices.batched_kernels(self.device))
 
     def _needs_global_trim(self) -> bool:
         config = self.config

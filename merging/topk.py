@@ -183,7 +183,7 @@ def _low_histogram(stacks: Iterable[torch.Tensor], bins: torch.Tensor, scratch: 
 def _select(hist: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row: the bin holding the ``rank``-th largest entry, and that entry's rank inside the bin."""
     from_top = hist.flip(1).cumsum(1)
-    position = torch.searchsorted(from_top, ranks.unsqueeze(1)).clamp(max=hist.shape[1] - 1)
+    position = torch.searchsorted(from_top, ranks.reshape(-1, 1).contiguous()).clamp(max=hist.shape[1] - 1)
     bins = hist.shape[1] - 1 - position
     above = from_top.gather(1, position) - hist.gather(1, bins)
     return bins.squeeze(1), ranks - above.squeeze(1)

@@ -1,0 +1,172 @@
+"""CPU-visible proxies for GPU speed: host synchronisations and kernel launches per merge, counted with torch.profiler.
+
+CI has no GPU, but what makes a merge slow on one is visible on the CPU too: every read of a device value by
+the host (``.item()``, ``bool(t)``, ``.tolist()``, boolean-mask indexing → ``nonzero``, ``bincount`` …) stalls
+the device, and every kernel launch costs a few microseconds. These tests run the accelerator code path
+(``merging.device.batched_kernels``) on CPU tensors and check that neither count grows with the number of
+keys: a per-key synchronisation or a per-key kernel cannot come back unnoticed. They also check that the
+accelerator path gives exactly the CPU path's results.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from diffusion_merge.merging import device as devices
+from diffusion_merge.merging.merge import iter_merged, merge_task_vectors
+
+# Ops that make a CUDA host wait for the device (or copy host data to it, which waits for the stream too).
+SYNC_OPS = {
+    "aten::_local_scalar_dense",  # .item(), bool(), float(), int() of a tensor
+    "aten::nonzero",  # boolean-mask indexing, torch.where(cond)
+    "aten::bincount",  # reads the input's min and max back on CUDA
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+    "aten::lift_fresh",  # torch.tensor(python data): a host-to-device copy on CUDA
+}
+# Ops that launch no kernel (views and metadata).
+METADATA_OPS = {
+    "aten::view",
+    "aten::reshape",
+    "aten::_reshape_alias",
+    "aten::as_strided",
+    "aten::slice",
+    "aten::select",
+    "aten::expand",
+    "aten::transpose",
+    "aten::t",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::flatten",
+    "aten::unflatten",
+    "aten::detach",
+    "aten::detach_",
+    "detach_",
+    "aten::alias",
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::to",
+    "aten::view_as",
+    "aten::flip",
+    "aten::narrow",
+    "aten::permute",
+    "aten::mT",
+    "aten::split",
+    "aten::unbind",
+    "aten::contiguous",
+    "aten::lift_fresh",
+    "aten::result_type",
+    "aten::is_nonzero",
+    "aten::item",
+    "aten::_local_scalar_dense",
+    "aten::set_",
+    "aten::resize_",
+}
+
+
+class Counts:
+    def __init__(self, events: Counter, tolists: int):
+        self.events, self.tolists = events, tolists
+
+    @property
+    def syncs(self) -> int:
+        return sum(n for name, n in self.events.items() if name in SYNC_OPS) + self.tolists
+
+    @property
+    def kernels(self) -> int:
+        """Top-level aten ops that do work (nested ops of one call are counted once, at the top)."""
+        return sum(n for name, n in self.events.items() if name.startswith("aten::") and name not in METADATA_OPS)
+
+
+def counted(function) -> Counts:
+    """Run ``function`` under the profiler; count its ops and its ``Tensor.tolist`` calls (invisible to it)."""
+    tolists = 0
+    original = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        nonlocal tolists
+        tolists += 1
+        return original(self)
+
+    torch.Tensor.tolist = counting_tolist
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            function()
+    finally:
+        torch.Tensor.tolist = original
+    top_level = Counter()
+    every = Counter()
+    for event in prof.events():
+        every[event.name] += 1
+        if event.cpu_parent is None:
+            top_level[event.name] += 1
+    syncs = Counter({name: n for name, n in every.items() if name in SYNC_OPS})
+    return Counts(Counter({**top_level, **syncs}), tolists)
+
+
+@pytest.fixture
+def accelerator_path(monkeypatch):
+    """Run the code paths meant for accelerators on the CPU."""
+    monkeypatch.setattr(devices, "batched_kernels", lambda device: True)
+
+
+def small_keys(count: int, tasks: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` keys of a few hundred entries each (like a model's biases and norms), fp16 like resident τ."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(64,), (8, 24), (4, 4, 3, 3), (96,)]
+    return [
+        {f"blocks.{i}.w": (torch.randn(shapes[i % 4], generator=g) * (1 + i % 5)).half() for i in range(count)}
+        for _ in range(tasks)
+    ]
+
+
+CASES = [
+    ("weighted", {"weights": [0.5, 0.3, 0.2]}),
+    ("ties", {"k": 0.2}),
+    ("ties", {"k": 0.2, "topk_scope": "per_tensor"}),
+    ("dare", {"p": 0.9, "seed": 1}),
+    ("dare", {"p": 0.5, "sign": "mass"}),
+    ("las", {"k": 0.2}),
+]
+
+
+def drained(tvs, method, **params):
+    """The merge as the GPU benchmark runs it: every key produced, nothing copied out."""
+    return lambda: [None for _ in iter_merged(tvs, method, device="cpu", **params)]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_syncs_and_kernels_per_merge_do_not_grow_with_the_number_of_keys(accelerator_path, method, params):
+    few = counted(drained(small_keys(16), method, **params))
+    many = counted(drained(small_keys(256), method, **params))
+    # 240 more keys, all in the same single chunk: no per-key synchronisation, no per-key kernel
+    assert many.syncs == few.syncs, (few.events, many.events)
+    assert many.syncs <= 4
+    assert many.kernels - few.kernels <= 8, (few.events, many.events)
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_syncs_grow_at_most_by_one_per_chunk(accelerator_path, method, params):
+    tvs = small_keys(64)
+    one = counted(drained(tvs, method, **params))
+    chunked = counted(drained(tvs, method, chunk_numel=2000, **params))
+    chunks = 64 * 160 // 2000 + 2  # about 160 entries per key
+    assert chunked.syncs - one.syncs <= chunks, (one.events, chunked.events)
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_the_accelerator_path_gives_the_cpu_paths_results(monkeypatch, method, params):
+    tvs = small_keys(40)
+    cpu = merge_task_vectors(tvs, method, device="cpu", chunk_numel=3000, **params)
+    monkeypatch.setattr(devices, "batched_kernels", lambda device: True)
+    batched = merge_task_vectors(tvs, method, device="cpu", chunk_numel=3000, **params)
+    for key in cpu:
+        assert torch.equal(cpu[key], batched[key]), key
