@@ -232,7 +232,7 @@ class _MergeRun:
                 horizontal=drm.transposes(params["direction"], rows, cols),
                 scratch=self.scratch,
             )
-            merged.copy_(result.view(-1))
+            merged.view(rows, cols).copy_(result)
 
     def _scale(self, out: torch.Tensor, chunk: Chunk) -> None:
         """Multiply by λ (and DARE's rescale) and each key's ``key_weights`` / ``block_weights`` factor."""

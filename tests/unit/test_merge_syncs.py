@@ -73,8 +73,8 @@ METADATA_OPS = {
 
 
 class Counts:
-    def __init__(self, events: Counter, tolists: int):
-        self.events, self.tolists = events, tolists
+    def __init__(self, events: Counter, every: Counter, tolists: int):
+        self.events, self.every, self.tolists = events, every, tolists
 
     @property
     def syncs(self) -> int:
@@ -109,7 +109,7 @@ def counted(function) -> Counts:
         if event.cpu_parent is None:
             top_level[event.name] += 1
     syncs = Counter({name: n for name, n in every.items() if name in SYNC_OPS})
-    return Counts(Counter({**top_level, **syncs}), tolists)
+    return Counts(Counter({**top_level, **syncs}), every, tolists)
 
 
 @pytest.fixture
@@ -170,3 +170,49 @@ def test_the_accelerator_path_gives_the_cpu_paths_results(monkeypatch, method, p
     batched = merge_task_vectors(tvs, method, device="cpu", chunk_numel=3000, **params)
     for key in cpu:
         assert torch.equal(cpu[key], batched[key]), key
+
+
+def small_matrices(count: int, tasks: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(12, 8), (8, 20), (16, 16), (6, 30)]
+    return [
+        {f"blocks.{i}.attn.weight": torch.randn(shapes[i % 4], generator=g).half() for i in range(count)}
+        for _ in range(tasks)
+    ]
+
+
+@pytest.mark.parametrize("direction", ["vertical", "auto"])
+def test_drm_reads_back_nothing_per_weight_but_eighs_convergence_check(accelerator_path, direction):
+    few = counted(drained(small_matrices(8), "drm", direction=direction))
+    many = counted(drained(small_matrices(40), "drm", direction=direction))
+    assert many.every["aten::_linalg_check_errors"] - few.every["aten::_linalg_check_errors"] == 32
+    assert many.syncs - few.syncs == 32, (few.events, many.events)
+
+
+DRM_SHAPES = {
+    "diffusion_model.input_blocks.1.0.in_layers.2.weight": (6, 4, 3, 3),
+    "diffusion_model.input_blocks.1.0.in_layers.2.bias": (6,),
+    "diffusion_model.middle_block.1.proj_in.weight": (12, 5),
+    "diffusion_model.output_blocks.2.1.ff.net.2.weight": (7, 16),
+    "diffusion_model.out.2.weight": (9, 9),
+}
+DRM_CASES = [
+    {"direction": "vertical"},
+    {"direction": "horizontal", "drop_rate": 0.5, "weights": [1.0, 0.5, 2.0]},
+    {"direction": "auto", "nonlinear_drop_rate": 0.3, "sign": "count"},
+    {"conv": True, "drop_rate": 0.0},
+]
+
+
+@pytest.mark.parametrize("params", DRM_CASES)
+def test_drm_on_the_accelerator_path_matches_the_cpu_svd(monkeypatch, params):
+    """The Gram-matrix SVD in float64 against LAPACK's fp32 SVD: same ranks and trims, so results within fp32
+    SVD accuracy (the fp32 SVD is the less accurate of the two)."""
+    g = torch.Generator().manual_seed(0)
+    tvs = [{key: torch.randn(shape, generator=g) * scale for key, shape in DRM_SHAPES.items()} for scale in (1, 0.3, 2)]
+    tvs[1]["diffusion_model.middle_block.1.proj_in.weight"].zero_()  # an inactive model on one weight
+    cpu = merge_task_vectors(tvs, "drm", device="cpu", **params)
+    monkeypatch.setattr(devices, "batched_kernels", lambda device: True)
+    batched = merge_task_vectors(tvs, "drm", device="cpu", **params)
+    for key in cpu:
+        torch.testing.assert_close(batched[key], cpu[key], rtol=1e-4, atol=1e-5, msg=key)
