@@ -239,31 +239,40 @@ class Scratch:
 def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (N, chunk entries) with each task's fp32 deltas for the chunk's keys; absent keys are 0.
 
-    On CUDA a task's keys are concatenated in one kernel (launches dominate there); on the CPU each key is
-    copied into place, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes. Nothing
-    is checked here: see :class:`FiniteCheck`.
+    Nothing is checked here: see :class:`FiniteCheck`.
+    """
+    for row, source in zip(out, sources, strict=True):
+        part = gather_row(source, chunk, device, row)
+        if part is not row:
+            row.copy_(part)
+    return out
+
+
+def gather_row(source: DeltaSource, chunk: Chunk, device: torch.device, row: torch.Tensor) -> torch.Tensor:
+    """One task's deltas for the chunk's keys, flat: in ``row`` (fp32), or a tensor in the source's own dtype.
+
+    On accelerators a task's keys are concatenated in one kernel (launches dominate there) and returned as
+    they are stored (fp16 stays fp16: the caller converts while it computes). On the CPU each key is copied
+    into ``row``, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes.
     """
     batched = devices.batched_kernels(device)
-    for row, source in zip(out, sources, strict=True):
-        if not batched and hasattr(source, "fetch_into"):
-            for segment in chunk.segments:
-                if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
-                    row[segment.span].zero_()
-            continue
-        parts = [source.fetch(segment.key, device) for segment in chunk.segments]
-        if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
-            flat = [part.reshape(-1) for part in parts]
-            if parts[0].dtype == torch.float32:
-                torch.cat(flat, out=row)
-            else:
-                row.copy_(torch.cat(flat))
-            continue
-        for segment, part in zip(chunk.segments, parts, strict=True):
-            if part is None:
+    if not batched and hasattr(source, "fetch_into"):
+        for segment in chunk.segments:
+            if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
                 row[segment.span].zero_()
-            else:
-                row[segment.span].copy_(part.reshape(-1))
-    return out
+        return row
+    parts = [source.fetch(segment.key, device) for segment in chunk.segments]
+    if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+        flat = [part.reshape(-1) for part in parts]
+        if parts[0].dtype == torch.float32:
+            return torch.cat(flat, out=row)
+        return torch.cat(flat)
+    for segment, part in zip(chunk.segments, parts, strict=True):
+        if part is None:
+            row[segment.span].zero_()
+        else:
+            row[segment.span].copy_(part.reshape(-1))
+    return row
 
 
 class FiniteCheck:
@@ -281,6 +290,8 @@ class FiniteCheck:
         self._pending: dict[Chunk, object] = {}
 
     def record(self, stack: torch.Tensor, chunk: Chunk) -> None:
+        """Queue the test of ``stack``: the gathered chunk, or anything every delta of it flows into
+        (NaN/Inf survive multiplication and sums; a finite result proves finite inputs)."""
         finite = torch.isfinite(stack.sum())
         if self.device.type != "cuda":
             self._pending[chunk] = bool(finite)
