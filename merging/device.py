@@ -19,6 +19,12 @@ def batched_kernels(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+def runs_ahead(device: torch.device) -> bool:
+    """Whether work on ``device`` is queued and runs while the host goes on (CUDA), so that the host should
+    read results back one chunk late instead of waiting for each chunk to finish."""
+    return device.type == "cuda"
+
+
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Small host data (a list) as a tensor on ``device`` without waiting for the device.
 

@@ -13,6 +13,11 @@ elect signs and combine (:mod:`merging.consensus`) → multiply by λ and the pe
 magnitude trims (TIES' whole-model top-k, LaS masks, DRM's optional non-linear trim) first stream the
 model once or twice to find each task's exact threshold (:mod:`merging.topk`); nothing is ever
 concatenated beyond one chunk. Which stages a method uses is data, in :mod:`merging.methods`.
+
+On accelerators the host never waits for the device inside a merge except where a decision must reach
+Python (once per merge for a global trim, once per weight for DRM's ``eigh``): every chunk is queued, and its
+NaN/Inf verdict is read one chunk later (:class:`merging.chunks.FiniteCheck`). ``tests/unit/test_merge_syncs.py``
+counts host reads and kernel launches per merge on the CPU so that per-key ones cannot come back.
 """
 
 from __future__ import annotations
@@ -129,12 +134,16 @@ class _MergeRun:
     def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
         thresholds = self._global_thresholds() if self.global_trim else None
-        previous = None
         chunks = plan_chunks(self.shapes, list(self.shapes), self.chunk_numel)
         self.tables = ChunkTables(chunks, self.device) if self._needs_tables() else None
+        # On a device that runs ahead, chunk i is yielded (after its NaN/Inf verdict) once chunk i+1 is queued,
+        # so the host never waits for a chunk the device has just started; each needs its own output buffer.
+        lag = 1 if devices.runs_ahead(self.device) else 0
+        pending: list[tuple[Chunk, torch.Tensor]] = []
         for index, chunk in enumerate(chunks):
-            # Two output buffers: chunk i is yielded (after its finiteness verdict) once chunk i+1 is queued.
-            out = self.scratch.get(f"out{index % 2}", (chunk.numel,))  # yielded views: valid until the next chunk
+            out = self.scratch.get(
+                f"out{index % (lag + 1)}", (chunk.numel,)
+            )  # yielded views: valid until the next chunk
             if self._sums_rows():
                 self._weighted_sum_of_rows(chunk, out)
             elif self.config.method.basis == "svd":
@@ -142,11 +151,11 @@ class _MergeRun:
             else:
                 self._merge_raw(self._gather(chunk, check=True), out, chunk, thresholds)
             self._scale(out, chunk)
-            if previous is not None:
-                yield from self._release(*previous)
-            previous = chunk, out
-        if previous is not None:
-            yield from self._release(*previous)
+            pending.append((chunk, out))
+            if len(pending) > lag:
+                yield from self._release(*pending.pop(0))
+        while pending:
+            yield from self._release(*pending.pop(0))
         logger.info(
             "%s merge of %d task vectors, %d keys: %.2f s on %s",
             self.config.method.name,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .chunks import CHUNK_NUMEL, as_sources, union_shapes
+from .device import best_device, runs_ahead
 from .io import ReadBuffer, RenamedMapping, SafetensorsFile, as_float32, parse_dtype, write_safetensors
 from .keys import unet_key_map
 from .merge import iter_merged
@@ -48,7 +49,10 @@ def merge_checkpoint_files(
     unet = unet_key_map(base.keys(), source=Path(base_path).name)
     # One reader of the base for every task vector and the output: each base tensor is read once per pass
     # (not once per task vector plus once for the output), into one reused buffer.
-    shared_base = RenamedMapping(_ChunkReads(base, _chunk_bytes(base, unet.values())), unet)
+    # A merge on a device that runs ahead reads chunk i+1 before it hands out chunk i: room for one more chunk.
+    run_device = torch.device(device) if device is not None else best_device()
+    chunks_held = 3 if runs_ahead(run_device) else 2
+    shared_base = RenamedMapping(_ChunkReads(base, _chunk_bytes(base, unet.values(), chunks_held)), unet)
     names = [(Path(path).name, Path(base_path).name) for path in finetuned_paths]
     vectors = [
         extract_task_vector(open_diffusion_model(path), shared_base, names=pair)
@@ -86,13 +90,14 @@ _ALIGN = 64
 _KEY_SLACK = _ALIGN + 2 * 4096  # per tensor: alignment, and the block-aligned span of a direct read
 
 
-def _chunk_bytes(file: SafetensorsFile, keys) -> int:
-    """Room for two of the largest chunks a merge gathers from ``file`` (CHUNK_NUMEL entries or its largest
-    key), so that a chunk's tensors rarely straddle the point where the buffer wraps around."""
+def _chunk_bytes(file: SafetensorsFile, keys, chunks: int = 2) -> int:
+    """Room for ``chunks`` of the largest chunks a merge gathers from ``file`` (CHUNK_NUMEL entries or its
+    largest key): the chunks in use and one more, so that their tensors rarely straddle the point where the
+    buffer wraps around."""
     keys = list(keys)
     largest = max((math.prod(file.shape_of(k)) for k in keys), default=0)
     itemsize = max((file.dtype_of(k).itemsize for k in keys), default=4)
-    return 2 * (max(CHUNK_NUMEL, largest) * itemsize + len(keys) * _KEY_SLACK)
+    return chunks * (max(CHUNK_NUMEL, largest) * itemsize + len(keys) * _KEY_SLACK)
 
 
 class _ChunkReads(Mapping[str, torch.Tensor]):

@@ -227,3 +227,14 @@ def test_the_accelerator_path_names_a_non_finite_delta(accelerator_path, method,
     tvs[2]["blocks.13.w"][1] = float("nan")
     with pytest.raises(ValueError, match=r"task vector 3: key 'blocks\.13\.w' has NaN/Inf"):
         merge_task_vectors(tvs, method, device="cpu", chunk_numel=700, **params)
+
+
+@pytest.mark.parametrize(("method", "params"), [*CASES, ("drm", {"direction": "auto"})])
+def test_reading_verdicts_one_chunk_late_changes_nothing(monkeypatch, method, params):
+    """On CUDA chunk i is handed out after chunk i+1 is queued (two output buffers); same keys, same values."""
+    tvs = small_keys(30)
+    direct = [(key, delta.clone()) for key, delta in iter_merged(tvs, method, device="cpu", chunk_numel=900, **params)]
+    monkeypatch.setattr(devices, "runs_ahead", lambda device: True)
+    lagged = [(key, delta.clone()) for key, delta in iter_merged(tvs, method, device="cpu", chunk_numel=900, **params)]
+    assert [key for key, _ in lagged] == [key for key, _ in direct] == list(tvs[0])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(direct, lagged, strict=True))
