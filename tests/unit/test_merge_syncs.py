@@ -238,3 +238,16 @@ def test_reading_verdicts_one_chunk_late_changes_nothing(monkeypatch, method, pa
     lagged = [(key, delta.clone()) for key, delta in iter_merged(tvs, method, device="cpu", chunk_numel=900, **params)]
     assert [key for key, _ in lagged] == [key for key, _ in direct] == list(tvs[0])
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(direct, lagged, strict=True))
+
+
+def test_drm_on_the_accelerator_path_keeps_unchanged_layers_and_single_models_exact(accelerator_path):
+    g = torch.Generator().manual_seed(3)
+    tvs = [{key: torch.randn(shape, generator=g) for key, shape in DRM_SHAPES.items()} for _ in range(3)]
+    linear = "diffusion_model.middle_block.1.proj_in.weight"
+    for tv in tvs:
+        tv[linear] = torch.zeros_like(tv[linear])
+    merged = merge_task_vectors(tvs, "drm", direction="auto", device="cpu")
+    assert torch.count_nonzero(merged[linear]) == 0
+    single = merge_task_vectors(tvs[:1], "drm", drop_rate=0.0, direction="vertical", device="cpu")
+    for key, value in tvs[0].items():
+        torch.testing.assert_close(single[key], value, rtol=1e-4, atol=1e-5, msg=key)
