@@ -257,6 +257,9 @@ def machine(device: torch.device) -> dict:
 def table(result: dict) -> str:
     rows = ["| case | best | median | goal | before (issue, H200) | peak extra VRAM |", "|---|---|---|---|---|---|"]
     for name, case in result["cases"].items():
+        if "error" in case:
+            rows.append(f"| {name} | {case['error']} | | | | |")
+            continue
         goal = f"{case['goal_s']} s" if case.get("goal_s") else "—"
         vram = f"{case['peak_vram_gib']:.2f} GiB" if case.get("peak_vram_gib") is not None else "—"
         before = BEFORE_H200.get(name)
@@ -265,6 +268,9 @@ def table(result: dict) -> str:
             f"{f'{before} s' if before else '—'} | {vram} |"
         )
     for name, run in result["drm"].items():
+        if "error" in run:
+            rows.append(f"| {name} | {run['error']} | | | | |")
+            continue
         estimate = run["extrapolated_s"]
         rows.append(
             f"| {name} (extrapolated) | {estimate:.1f} s | — | 30 s | {BEFORE_H200.get(name, '—')} s | — |"
@@ -303,27 +309,47 @@ def main() -> None:
         result["total_s"] = time.perf_counter() - started
         path.write_text(json.dumps(result, indent=1) + "\n")
 
-    result["checks"] = checks(load_shapes() if not options.dry_run else shapes, device)
-    save()
-    result["micro"] = micro(device, options.dry_run)
-    save()
+    def attempt(section: str, name: str, function: Callable[[], object]) -> None:
+        """Record a section's result, or its error, and go on: one failure must not cost the whole run."""
+        try:
+            result[section][name] = function()
+        except Exception as error:  # reported in the JSON; the run goes on
+            result[section][name] = {"error": f"{type(error).__name__}: {error}"}
+        save()
+
+    result.update(checks={}, micro={})
+    attempt("checks", "all", lambda: checks(load_shapes() if not options.dry_run else shapes, device))
+    attempt("micro", "all", lambda: micro(device, options.dry_run))
     vectors = task_vectors(shapes, 3, device, torch.float16)
     synchronize(device)
     result["sizes"]["generated_s"] = time.perf_counter() - started
     for name, (method, params, goal) in CASES.items():
-        run = timed(lambda m=method, p=params: drain(vectors, m, p, device), device, options.repeats, 12.0)
-        run.update(method=method, params=params, goal_s=goal)
-        run["peak_vram_gib"] = peak_memory(device, lambda m=method, p=params: drain(vectors, m, p, device))
-        result["cases"][name] = run
-        save()
-    reference = timed(lambda: plain_ties(vectors, 0.2, device), device, min(3, options.repeats), 12.0)
-    result["cases"]["plain_ties_sampled_quantile"] = {**reference, "method": "reference (see docstring)"}
-    save()
+
+        def case(m=method, p=params, g=goal) -> dict:
+            run = timed(lambda: drain(vectors, m, p, device), device, options.repeats, 12.0)
+            run.update(method=m, params=p, goal_s=g)
+            run["peak_vram_gib"] = peak_memory(device, lambda: drain(vectors, m, p, device))
+            return run
+
+        attempt("cases", name, case)
+    attempt(
+        "cases",
+        "plain_ties_sampled_quantile",
+        lambda: {
+            **timed(lambda: plain_ties(vectors, 0.2, device), device, min(3, options.repeats), 12.0),
+            "method": "reference (see docstring)",
+        },
+    )
     for direction in ("auto", "vertical"):
-        result["drm"][f"drm_{direction}"] = bench_drm(vectors, shapes, device, direction, options.drm_budget)
-        save()
+        attempt(
+            "drm", f"drm_{direction}", lambda d=direction: bench_drm(vectors, shapes, device, d, options.drm_budget)
+        )
     print(table(result))
-    print(json.dumps({"checks": result["checks"], "micro": result["micro"], "total_s": result["total_s"]}, indent=1))
+    print(
+        json.dumps(
+            {"checks": result["checks"]["all"], "micro": result["micro"]["all"], "total_s": result["total_s"]}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_the_gpu_merge_benchmark_dry_run_produces_every_figure(tmp_path):
     assert all(case["best_s"] > 0 for case in result["cases"].values())
     assert set(result["drm"]) == {"drm_auto", "drm_vertical"}
     assert all(run["complete"] and run["extrapolated_s"] > 0 for run in result["drm"].values())
-    checks = result["checks"]
+    checks = result["checks"]["all"]
     assert checks["global_radix_select_equals_topk"] and checks["segment_select_equals_topk"]
     assert all(checks[name]["bit_identical"] for name in ("weighted", "ties_global", "dare", "las", "drm_auto"))
-    assert {"copy_GBps", "index_add_2e19_bins_16M_ms", "eigh_fp64_64_ms"} <= set(result["micro"])
+    assert {"copy_GBps", "index_add_2e19_bins_16M_ms", "eigh_fp64_64_ms"} <= set(result["micro"]["all"])
