@@ -195,6 +195,7 @@ class ChunkTables:
         for chunk in self.chunks:
             self.bounds.append(self.bounds[-1] + len(chunk.segments))
         self.numels = devices.to_device([s.numel for c in self.chunks for s in c.segments], torch.int64, device)
+        self.starts = devices.to_device([s.offset for c in self.chunks for s in c.segments], torch.int64, device)
         self._tables: dict[Hashable, torch.Tensor] = {}
 
     def segments(self, chunk: Chunk) -> slice:

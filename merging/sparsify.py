@@ -139,21 +139,21 @@ def drop_random_(
     The rescale by 1/(1 − p) is left to the caller (it commutes with every combine step). Entry j of key K
     in task i is dropped iff hash((entry_seed(seed, i, K) + j) mod 2³²) < p·2³².
 
-    The counters of a whole chunk are built in two kernels from a per-(task, key) offset table that
-    ``tables`` holds on the device (a chunk made here when none is given), and hashed as int32.
+    The counters of a whole chunk are one running sum: 1 at every entry, and at each key's first entry the
+    jump from the previous key's counters (from a per-(task, key) table that ``tables`` holds on the device;
+    a chunk's own when none is given) — three kernels per chunk whatever its number of keys. They are hashed
+    as int32.
     """
     if p == 0.0:
         return
     tables = tables or ChunkTables([chunk], stack.device)
     tasks = stack.shape[0]
-    every_offset = tables.table(("dare", seed, tasks), lambda: dare_offsets(tables.chunks, seed, tasks), torch.int32)
-    offsets = every_offset[:, tables.segments(chunk)]
-    segment_ids = tables.segment_ids(chunk, scratch)
-    counter = scratch.get("counter", tuple(stack.shape), torch.int32)
-    torch.index_select(offsets, 1, segment_ids, out=counter)
-    positions = scratch.get("positions", (chunk.numel,), torch.int32)
-    counter.add_(torch.arange(chunk.numel, dtype=torch.int32, device=stack.device, out=positions))
+    every_jump = tables.table(("dare", seed, tasks), lambda: dare_jumps(tables.chunks, seed, tasks), torch.int32)
+    span = tables.segments(chunk)
     work = scratch.get("hash", tuple(stack.shape), torch.int32)
+    work.fill_(1).index_copy_(1, tables.starts[span], every_jump[:, span])
+    # int32 running sums wrap modulo 2³², like the counters themselves
+    counter = torch.cumsum(work, dim=1, dtype=torch.int32, out=scratch.get("counter", tuple(stack.shape), torch.int32))
     hashed = uniform_bits_(counter, work)
     drop_below = round(p * 2**32)
     if drop_below >= 2**32:
@@ -164,15 +164,23 @@ def drop_random_(
     stack.mul_(keep)
 
 
-def dare_offsets(chunks, seed: int, tasks: int) -> list[list[int]]:
-    """(tasks, segments) counter offsets: entry_seed(seed, task, key) − the key's start in its chunk, mod 2³²,
-    as int32 bit patterns; adding an entry's position in the chunk gives its DARE counter."""
+def dare_jumps(chunks, seed: int, tasks: int) -> list[list[int]]:
+    """(tasks, segments): what each key's first entry adds to the running sum of DARE counters in its chunk.
+
+    Key K's counters are entry_seed(seed, task, K) + j for its entries j (mod 2³²). The chunk's first key
+    starts at its seed; every later key at 1 + its seed − (the previous key's seed + its size − 1), i.e.
+    1 + the difference of the two keys' counter offsets (seed − start in the chunk). int32 bit patterns.
+    """
     rows = []
     for task in range(tasks):
         row = []
         for chunk in chunks:
+            previous = None
             for segment in chunk.segments:
-                value = (entry_seed(seed, task, segment.key) - segment.offset) & _MASK32
+                offset = entry_seed(seed, task, segment.key) - segment.offset
+                value = offset + segment.offset if previous is None else 1 + offset - previous
+                previous = offset
+                value &= _MASK32
                 row.append(value - (1 << 32) if value >= 1 << 31 else value)
         rows.append(row)
     return rows
