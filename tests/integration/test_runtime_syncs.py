@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.nodes import routing, routing_runtime
 from diffusion_merge.nodes import superdiff_runtime as runtime
 
 SEED = 42
@@ -70,8 +71,68 @@ def per_step(make_run, steps: int = 3) -> tuple[dict[str, float], float]:
     return {name: value for name, value in reads.items() if value}, (ops_long - ops_short) / steps
 
 
+def progress(*args) -> None:
+    pass
+
+
 def sigmas_for(model, steps: int):
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+
+
+def cfg_run(model, sampler="euler"):
+    """A factory of KSampler-path runs (CFG guider, cond + uncond) over a precomputed schedule."""
+    noise = comfy.sample.prepare_noise(LATENT, SEED)
+
+    def make(steps):
+        sigmas = sigmas_for(model, steps)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(POSITIVE, NEGATIVE)
+        guider.set_cfg(5.0)
+        sampler_object = comfy.samplers.sampler_object(sampler)
+        # with a progress callback, as every sampler node runs (it makes Euler index σ once more per step)
+        return lambda: guider.sample(
+            noise, LATENT, sampler_object, sigmas, callback=progress, disable_pbar=True, seed=SEED
+        )
+
+    return make
+
+
+def routed(first, second, boundary_step=3, steps=6, memory_mode="resident"):
+    boundary = float(sigmas_for(first, steps)[boundary_step])
+    expert = routing.RouteExpert.execute
+    chain = expert(second, 0.0, "sigma", 0.0, expert(first, boundary, "sigma", 0.0, None).result[0]).result[0]
+    return routing.RoutedModel.execute(chain, memory_mode).result[0]
+
+
+# -- routing ---------------------------------------------------------------------------------------------
+
+
+def test_routed_sampling_reads_nothing_from_the_device_per_step(tiny_sd15):
+    a, b = tiny_sd15(0), tiny_sd15(1)
+    plain_reads, plain_ops = per_step(cfg_run(a))
+    reads, ops = per_step(cfg_run(routed(a, b)))
+    assert plain_reads == {} and reads == {}  # was one float(σ) per network call
+    assert ops <= plain_ops  # the router dispatches in Python: no launches of its own
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun", "dpmpp_sde"])
+def test_routed_sampling_reads_sigma_at_most_a_few_times_per_run(tiny_sd15, sampler):
+    """σ is read once after the run to check the choices; midpoint samplers also where a boundary is near."""
+    a, b = tiny_sd15(0), tiny_sd15(1)
+    model = routed(a, b)
+    runs = []
+    original = routing_runtime.RoutingRun.finish
+
+    def spy(run):
+        runs.append(run.choice.reads)
+        return original(run)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routing_runtime.RoutingRun, "finish", spy)
+        cfg_run(model, sampler)(6)()
+    assert len(runs) == 1  # no second run: the sampler's calls followed its reported steps
+    # one check after the run; a midpoint sampler (2 calls per step) also reads in the 2 windows around the boundary
+    assert runs[0] <= (1 if sampler != "dpmpp_sde" else 2 * 2 + 1)
 
 
 # -- SuperDiff -------------------------------------------------------------------------------------------
