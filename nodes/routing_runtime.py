@@ -13,8 +13,9 @@ A routed MODEL is a clone of the first expert carrying wrappers (``comfy.patcher
   conditioning once more with that model and ``PREDICT_NOISE`` hands each step the right set.
 
 Memory modes: ``resident`` registers the other experts as additional models, so ComfyUI loads them
-together with the routed model before sampling (no load mid-run); ``sequential`` loads only the active
-expert and, at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
+together with the routed model before sampling (no load mid-run), and keeps the weights of clone experts as
+resident weight sets (``routing_weights``) while they fit; ``sequential`` loads only the active expert and,
+at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
 
 The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything
 queued. The expert is therefore chosen from the sampler's reported progress (``merging.schedules.call_windows``)
@@ -51,6 +52,7 @@ from ..merging.schedules import (
     flow_scale,
     resolve_ends,
 )
+from .routing_weights import ExpertWeightSets
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +211,7 @@ class SigmaRouter:
         archs = {_arch_key(p.model) for p, k in zip(self.canonical, self.kinds, strict=True) if k is Kind.DELEGATE}
         self.own_conds = archs - {_arch_key(self.primary_module)}
         self._run: RoutingRun | None = None
+        self.weight_sets = ExpertWeightSets()  # clone experts' resident weights (resident mode)
         resolve_ends(self.boundaries, sigma_scale(_sampling_of(experts[0].model)))  # order errors now
 
     def _classify(self) -> tuple[list[Kind], list[Any]]:
@@ -278,6 +281,8 @@ class SigmaRouter:
         run = RoutingRun(self, running, sigmas, choice_mode)
         if self.memory_mode == "sequential":  # a previous run may have left a later expert loaded
             run.unload_others(running)
+        else:  # weight sets made against modules ComfyUI has since (partly) unloaded are stale: free them first
+            self.weight_sets.drop_unless_loaded(running)
         if self.own_conds and conds is not None:
             run.raw_conds = {name: [c.copy() for c in items] for name, items in conds.items()}
         previous, self._run = self._run, run
@@ -350,7 +355,7 @@ class SigmaRouter:
             return executor(x, t, *args, **kwargs)
         run = self._active_run()
         index = run.choose(t)
-        run.activate(index)
+        run.activate(index, x.shape)
         if self.kinds[index] is Kind.DELEGATE:
             return self.canonical[index].model.apply_model(x, t, *args, **kwargs)
         return executor(x, t, *args, **kwargs)
@@ -401,18 +406,29 @@ class RoutingRun:
         """The expert serving a network call at ``timestep`` (σ, on the device)."""
         return self.choice.choose(timestep)
 
-    def activate(self, index: int) -> None:
+    def activate(self, index: int, input_shape=None) -> None:
         """Make expert ``index``'s weights the loaded ones; a no-op while the same expert stays active."""
         if index == self.active:
             return
-        target = self.running if self.router.kinds[index] is Kind.PRIMARY else self.router.canonical[index]
+        router = self.router
+        router.weight_sets.restore()  # the loaded expert's own weights back in before anything else
+        if router.kinds[index] is Kind.SWAP and self._swap_resident(index, input_shape):
+            self.active = index
+            return
+        target = self.running if router.kinds[index] is Kind.PRIMARY else router.canonical[index]
         if not _is_loaded(target):
-            if self.router.memory_mode == "sequential":
+            if router.memory_mode == "sequential":
                 self.unload_others(target)
-            logger.info("σ routing: loading expert %d (%s)", index + 1, self.router.kinds[index].value)
+            logger.info("σ routing: loading expert %d (%s)", index + 1, router.kinds[index].value)
             mm.load_models_gpu([target])
             self.loads += 1
         self.active = index
+
+    def _swap_resident(self, index: int, input_shape) -> bool:
+        """Resident mode: a clone expert's weights from its resident set, when it can have one."""
+        if self.router.memory_mode != "resident" or input_shape is None or not _is_loaded(self.running):
+            return False
+        return self.router.weight_sets.swap_in(self.running, self.router.canonical[index], input_shape)
 
     def unload_others(self, target) -> None:
         """Sequential mode: free the other experts' modules (all but ``target``'s)."""
@@ -438,6 +454,10 @@ class RoutingRun:
             )
 
     def finish(self) -> None:
+        sets = self.router.weight_sets
+        sets.restore()
+        if self.router.memory_mode == "resident":
+            sets.drop_if_memory_is_short(self.running.load_device)
         logger.debug("σ routing: run finished with %d expert load(s) mid-run", self.loads)
 
 
@@ -528,6 +548,12 @@ def _is_loaded(patcher) -> bool:
         if other is not None and other.model is patcher.model and _weights_key(other) == _weights_key(patcher):
             return True
     return False
+
+
+def router_of(model) -> SigmaRouter | None:
+    """The router installed on a routed MODEL (None for any other MODEL)."""
+    wrappers = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, ROUTER_KEY)
+    return getattr(wrappers[0], "__self__", None) if wrappers else None
 
 
 def build_routed_model(experts: tuple[Expert, ...], memory_mode: str = "resident", node_id: str | None = None):

@@ -1,4 +1,4 @@
-"""CPU-visible proxies for GPU speed: host reads and launches per sampling step.
+"""CPU-visible proxies for GPU speed: host reads and launches per sampling step, weight computations per swap.
 
 On a GPU, every read of a device value on the host (``.item()``, ``float(t)``, a branch on a tensor, a copy
 from pageable memory) makes the host wait until the device has finished all queued work, so the next network
@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from diffusion_merge.merging import superdiff as sd
 from diffusion_merge.nodes import routing, routing_runtime
 from diffusion_merge.nodes import superdiff_runtime as runtime
+from diffusion_merge.nodes import task_vectors as tv_nodes
 
 SEED = 42
 LATENT = torch.zeros(1, 4, 8, 8)
@@ -133,6 +134,20 @@ def test_routed_sampling_reads_sigma_at_most_a_few_times_per_run(tiny_sd15, samp
     assert len(runs) == 1  # no second run: the sampler's calls followed its reported steps
     # one check after the run; a midpoint sampler (2 calls per step) also reads in the 2 windows around the boundary
     assert runs[0] <= (1 if sampler != "dpmpp_sde" else 2 * 2 + 1)
+
+
+def test_clone_expert_swaps_read_nothing_and_compute_weights_once(tiny_sd15):
+    base, finetuned = tiny_sd15(0), tiny_sd15(0, "finetune-a")
+    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    patched = tv_nodes.TaskVectorApply.execute(base, vector, 1.0).result[0]
+    model = routed(base, patched)
+    sets = routing_runtime.router_of(model).weight_sets
+    reads, _ = per_step(cfg_run(model))
+    assert reads == {}
+    computed = sets.computed_weights
+    assert computed == len(patched.patches)  # every τ key once, for the first run that needed them
+    cfg_run(model)(6)()
+    assert sets.computed_weights == computed  # later runs swap tensors: no patch computation
 
 
 # -- SuperDiff -------------------------------------------------------------------------------------------
