@@ -62,6 +62,11 @@ class ExpertWeightSets:
     def swapped(self) -> bool:
         return self._swapped is not None
 
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the kept sets hold (ComfyUI does not count it)."""
+        return sum(weight_set.size for weight_set in self._sets.values())
+
     def swap_in(self, loaded, expert, input_shape) -> bool:
         """Put ``expert``'s weights into the modules ``loaded`` holds; False when it cannot (use ComfyUI's swap)."""
         self.restore()
@@ -103,7 +108,7 @@ class ExpertWeightSets:
     def drop_if_memory_is_short(self, device) -> None:
         """After a run: keep the sets for the next run only while the free memory is at least their size, so
         what runs next (decoding, another model) does not have to push ComfyUI's own models out for them."""
-        size = sum(weight_set.size for weight_set in self._sets.values())
+        size = self.resident_bytes
         if size and mm.get_free_memory(device) < size:
             self.drop()
 
