@@ -279,6 +279,19 @@ def merge_to_task_vector(
     deltas = {key: delta.to(device=storage_device, dtype=storage_dtype, copy=True) for key, delta in merged}
     fingerprints = {tv.base_fingerprint for tv in task_vectors} - {None}
     leaf = MergedDeltas(deltas, config.recipe(), [tv.recipe for tv in task_vectors])
+    leaf.origin = merge_origin(config.recipe(), task_vectors, storage_dtype)
     sources = tuple(dict.fromkeys(source for tv in task_vectors for source in tv.sources))
     fingerprint = fingerprints.pop() if len(fingerprints) == 1 else None
     return TaskVector(((1.0, leaf),), base_fingerprint=fingerprint, sources=sources)
+
+
+def merge_origin(recipe: dict[str, Any], task_vectors: Sequence[TaskVector], storage_dtype: torch.dtype) -> dict:
+    """The recipe origin of a merge (see :mod:`merging.recipes`): method, every resolved parameter, inputs."""
+    params = {name: value for name, value in recipe.items() if name != "method"}
+    return {
+        "op": "merge",
+        "method": recipe["method"],
+        "params": params,
+        "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "inputs": list(task_vectors),
+    }

@@ -19,9 +19,10 @@ import torch
 from .chunks import CHUNK_NUMEL, as_sources, union_shapes
 from .io import ReadBuffer, RenamedMapping, SafetensorsFile, as_float32, parse_dtype, write_safetensors
 from .keys import unet_key_map
-from .merge import iter_merged
+from .merge import iter_merged, merge_origin
 from .methods import resolve_merge
-from .task_vector_files import open_diffusion_model
+from .recipes import RECIPE_METADATA_KEY, checkpoint_recipe
+from .task_vector_files import difference_origin, open_diffusion_model
 from .task_vectors import extract_task_vector
 
 
@@ -35,13 +36,15 @@ def merge_checkpoint_files(
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool | None] | None = None,
+    full_hash: bool = False,
     **params: Any,
 ) -> Path:
     """Write base + merge(τᵢ = finetunedᵢ − base) to ``output_path`` in the base file's own layout.
 
     ``method`` and ``params`` are those of :func:`merging.merge_task_vectors`. The diffusion-model keys are
     merged; every other tensor of the base file (text encoder, VAE) is copied. Floating-point tensors are
-    stored in ``dtype``. The merge recipe goes into the metadata. Returns the written path.
+    stored in ``dtype``. The merge recipe goes into the metadata, with a re-runnable one naming the input
+    files by hash (:mod:`merging.recipes`; ``full_hash`` adds whole-file SHA-256s). Returns the written path.
     """
     target = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     base = SafetensorsFile(base_path)
@@ -54,6 +57,8 @@ def merge_checkpoint_files(
         extract_task_vector(open_diffusion_model(path), shared_base, names=pair)
         for path, pair in zip(finetuned_paths, names, strict=True)
     ]
+    for vector, path in zip(vectors, finetuned_paths, strict=True):
+        vector.terms[0][1].origin = difference_origin(path, base_path, None)
     config = resolve_merge(method, len(vectors), **params)
     merged_keys = list(union_shapes(as_sources(vectors)))
     copied = [key for key in base if key not in set(unet.values())]
@@ -73,6 +78,11 @@ def merge_checkpoint_files(
         "dm_base": Path(base_path).name,
         "dm_sources": json.dumps([Path(p).name for p in finetuned_paths]),
         "dm_base_fingerprint": vectors[0].base_fingerprint or "",
+        RECIPE_METADATA_KEY: json.dumps(
+            checkpoint_recipe(
+                base_path, merge_origin(config.recipe(), vectors, torch.float32), target, full_hash=full_hash
+            )
+        ),
     }
     return write_safetensors(output_path, specs, stream(), metadata)
 
