@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Prepare .gpu-kit/ (ignored by git): what a GPU machine with no network needs to run ComfyUI 0.33.0 in
-# process or as a server, carried with the working tree (`carry: [".gpu-kit"]`, under 45 MiB):
+# process or as a server, carried with the working tree (`carry: [".gpu-kit"]`, under 52 MiB):
 #
 #   .gpu-kit/ComfyUI/   the ComfyUI snapshot, without the tokenizer files of text encoders nothing here loads
+#   .gpu-kit/ComfyUI-floor/  the same of the floor ComfyUI (0.3.64), where bench/gpu.sh also measures
 #   .gpu-kit/wheels/    the ComfyUI requirements that the GPU image lacks (cp312 manylinux wheels)
 #   .gpu-kit/avstub/    an import-only stand-in for PyAV (its wheel is too big; video nodes are unusable)
 #   .gpu-kit/setup.sh   source it there: installs the wheels into /tmp/site, exports PYTHONPATH,
-#                       COMFYUI_PATH and COMFYUI (the snapshot)
+#                       COMFYUI_PATH and COMFYUI (the snapshot), DM_FLOOR_COMFYUI (the floor's)
 #
 #   bash scripts/gpu_kit.sh                # from ../shared/ComfyUI-0.33.0 (or COMFYUI_PATH)
 #
@@ -17,9 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${DM_SHARED:-../shared}"
 SNAPSHOT="${COMFYUI_PATH:-$SHARED/ComfyUI-0.33.0}"
+FLOOR="${DM_FLOOR_COMFYUI:-$SHARED/ComfyUI}"  # 0.3.64, the floor that requires-comfyui states
 KIT=.gpu-kit
 CACHE="${DM_GPU_KIT_CACHE:-$HOME/.cache/diffusion-merge-gpu-kit}"
-LIMIT_MIB=45
+LIMIT_MIB=52
 
 version="$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$SNAPSHOT/comfyui_version.py")"
 constraints="$SHARED/ci/comfyui-$version-constraints.txt"
@@ -30,8 +32,10 @@ pinned() { grep -iE "^${1//[-_]/[-_]}==" "$constraints" | head -1 || true; }  # 
 rm -rf "$KIT"
 mkdir -p "$KIT/wheels" "$CACHE"
 
-# 1. the snapshot, minus tokenizer data of text encoders the checks never load (SD1's CLIP stays)
-python3 - "$SNAPSHOT" "$KIT/ComfyUI" <<'EOF'
+# 1. the snapshot, and the floor ComfyUI that bench/gpu.sh also measures on, minus tokenizer data of text
+#    encoders nothing here loads (SD1's CLIP stays)
+copy_snapshot() {
+python3 - "$1" "$2" <<'EOF'
 import shutil, sys
 from pathlib import Path
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
@@ -43,6 +47,9 @@ def ignore(folder, names):
     return skipped
 shutil.copytree(source, target, ignore=ignore)
 EOF
+}
+copy_snapshot "$SNAPSHOT" "$KIT/ComfyUI"
+if [[ -f "$FLOOR/main.py" ]]; then copy_snapshot "$FLOOR" "$KIT/ComfyUI-floor"; fi
 
 # 2. wheels: the ones beside ../shared/gpu/setup.sh (0.3.64's needs), plus what 0.33.0 added
 cp "$SHARED"/gpu/wheels/*.whl "$KIT/wheels/"
@@ -86,7 +93,7 @@ cat > "$KIT/setup.sh" <<'EOF'
 # Installs the kit's wheels into /tmp/site and exports PYTHONPATH (those + the PyAV stand-in), COMFYUI_PATH
 # and COMFYUI (the kit's ComfyUI snapshot).
 DM_GPU_KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export COMFYUI_PATH="$DM_GPU_KIT/ComfyUI" COMFYUI="$DM_GPU_KIT/ComfyUI"
+export COMFYUI_PATH="$DM_GPU_KIT/ComfyUI" COMFYUI="$DM_GPU_KIT/ComfyUI" DM_FLOOR_COMFYUI="$DM_GPU_KIT/ComfyUI-floor"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$DM_GPU_KIT"/wheels/*.whl || return 1
 export PYTHONPATH="/tmp/site:$DM_GPU_KIT/avstub${PYTHONPATH:+:$PYTHONPATH}"
