@@ -91,14 +91,34 @@ class TaskVectorPatch(WeightAdapterBase):
 
     Nothing is computed when the patch is added; ComfyUI calls this when it loads the model (or, for
     modules kept off the GPU in low-VRAM mode, at each forward).
+
+    ComfyUI's dynamic VRAM rebuilds every adapter before use as ``type(adapter)(adapter.loaded_keys,
+    weights)``, where ``weights`` is ``adapter.weights`` with its tensors moved (tuples and lists are rebuilt,
+    other objects kept). So the whole state is that pair: ``weights`` is ``(task vector, key)``, and no
+    tensor is staged ahead (the delta is computed on the weight's device when it is needed).
     """
 
     name = "diffusion_merge.task_vector"
 
-    def __init__(self, vector: TaskVector, key: str):
-        self.vector, self.key = vector, key
-        self.loaded_keys: set[str] = set()
-        self.weights: list[torch.Tensor] = []
+    def __init__(self, loaded_keys, weights):
+        vector, key = weights if isinstance(weights, (tuple, list)) and len(weights) == 2 else (None, None)
+        if not isinstance(vector, TaskVector) or not isinstance(key, str):
+            raise TypeError("TaskVectorPatch takes (loaded_keys, (task vector, key)); use TaskVectorPatch.of")
+        self.loaded_keys: set[str] = set(loaded_keys)
+        self.weights = (vector, key)
+
+    @classmethod
+    def of(cls, vector: TaskVector, key: str) -> TaskVectorPatch:
+        """The patch adding ``vector``'s delta of ``key`` (a ``diffusion_model.…`` or ``text_encoders.…`` name)."""
+        return cls(set(), (vector, key))
+
+    @property
+    def vector(self) -> TaskVector:
+        return self.weights[0]
+
+    @property
+    def key(self) -> str:
+        return self.weights[1]
 
     def calculate_weight(
         self,
@@ -125,7 +145,7 @@ def apply_to_model(model, vector: TaskVector, strength: float):
     identity where the model had none.
     """
     patched = model.clone()
-    patches = {k: TaskVectorPatch(vector, k) for k in vector.keys() if k.startswith(UNET_PREFIX)}
+    patches = {k: TaskVectorPatch.of(vector, k) for k in vector.keys() if k.startswith(UNET_PREFIX)}
     accepted = patched.add_patches(patches, strength)
     projection_keys = [k for k in vector.keys() if is_projection_key(k)]
     if projection_keys:
@@ -154,7 +174,7 @@ def apply_to_clip(clip, vector: TaskVector, strength: float):
     """A clone of ``clip`` with the task vector's ``text_encoders.…`` keys applied lazily."""
     patched = clip.clone()
     patches = {
-        k[len(TEXT_ENCODER_PREFIX) :]: TaskVectorPatch(vector, k)
+        k[len(TEXT_ENCODER_PREFIX) :]: TaskVectorPatch.of(vector, k)
         for k in vector.keys()
         if k.startswith(TEXT_ENCODER_PREFIX)
     }

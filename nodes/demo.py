@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 import folder_paths
-from comfy_api.latest import io
 
 from ..merging.family_data import CLASS_NAMES, COLOUR_NAMES
 from . import demo_models, mini_models
+from .compat import io
 from .types import CATEGORY
 
 PROMPT_HELP = (

@@ -17,6 +17,9 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import torch
+from comfy.ldm.flux.model import FluxParams
+
+from . import compat
 
 SD15_TINY = dict(
     use_checkpoint=False,
@@ -102,31 +105,43 @@ _FINETUNE_PARAMETERS = {
 }
 
 
-def init_weights(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
-    """Seeded weights: norms 1, biases 0, everything else N(0, scale²); ComfyUI skips initialisation."""
+def init_weights(module: torch.nn.Module, seed: int, scale: float = 0.02, variant: str = "base") -> None:
+    """Seeded weights: norms 1, biases 0, everything else N(0, scale²), plus the change a fine-tune variant
+    owns (see ``_FINETUNE_PARAMETERS``). ComfyUI skips initialisation, and with dynamic VRAM its layers have
+    no weights until a state dict is loaded, so the values go in the way a loader puts them."""
+    values = seeded_values(compat.parameter_shapes(module), seed, scale)
+    compat.assign_parameters(module, perturb(values, variant, seed))
+
+
+def seeded_values(shapes: dict, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """{name: seeded value} for {name: (shape, dtype)}, drawn in name order from one generator."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name or name.endswith(".scale"):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    values = {}
+    for name, (shape, dtype) in sorted(shapes.items()):
+        if name.endswith("bias"):
+            value = torch.zeros(shape)
+        elif "norm" in name or name.endswith(".scale"):
+            value = torch.ones(shape)
+        else:
+            value = torch.randn(shape, generator=generator) * scale
+        values[name] = value.to(dtype)
+    return values
 
 
-def perturb(module: torch.nn.Module, variant: str, seed: int, scale: float = 0.01) -> None:
-    """Add a seeded change to the parameters a fine-tune variant owns (see ``_FINETUNE_PARAMETERS``)."""
+def perturb(values: dict, variant: str, seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """``values`` plus a seeded change on the parameters a fine-tune variant owns (see ``_FINETUNE_PARAMETERS``)."""
     if variant == "base":
-        return
+        return values
     if variant not in _FINETUNE_PARAMETERS:
         raise ValueError(f"unknown demo variant '{variant}'; choose one of {VARIANTS}")
     changed = _FINETUNE_PARAMETERS[variant]
     generator = torch.Generator().manual_seed(seed + 1000 * (VARIANTS.index(variant)))
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            if changed.search(name):
-                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    perturbed = dict(values)
+    for name, value in sorted(values.items()):
+        if changed.search(name):
+            change = torch.randn(value.shape, generator=generator) * scale
+            perturbed[name] = (value.float() + change).to(value.dtype)
+    return perturbed
 
 
 def _patcher(base_model) -> comfy.model_patcher.ModelPatcher:
@@ -140,18 +155,16 @@ def build_sd15(seed: int = 0, variant: str = "base", dtype=torch.float32, **conf
     model_config = comfy.supported_models.SD15({**SD15_TINY, **config})
     model_config.set_inference_dtype(dtype, None)
     base_model = model_config.get_model({})
-    init_weights(base_model.diffusion_model, seed)
-    perturb(base_model.diffusion_model, variant, seed)
+    init_weights(base_model.diffusion_model, seed, variant=variant)
     return _patcher(base_model)
 
 
 def build_flux(seed: int = 0, variant: str = "base", dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
     """A tiny Flux-architecture DiT (flow matching, CONST sampling) as a MODEL."""
-    model_config = comfy.supported_models.Flux(dict(FLUX_TINY))
+    model_config = comfy.supported_models.Flux(compat.complete_dit_config(FLUX_TINY, FluxParams))
     model_config.set_inference_dtype(dtype, None)
     base_model = model_config.get_model({}, device="cpu")
-    init_weights(base_model.diffusion_model, seed)
-    perturb(base_model.diffusion_model, variant, seed)
+    init_weights(base_model.diffusion_model, seed, variant=variant)
     return _patcher(base_model)
 
 
@@ -170,13 +183,14 @@ def build_clip(seed: int = 0, variant: str = "base") -> comfy.sd.CLIP:
     """A tiny SD1-style CLIP text encoder (64-wide) using ComfyUI's own tokenizer."""
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, _TinyClipModel)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
-    init_weights(clip.cond_stage_model, seed + 1)
+    encoder = clip.cond_stage_model
+    values = seeded_values(compat.parameter_shapes(encoder), seed + 1)
     if variant != "base":
         generator = torch.Generator().manual_seed(seed + 7 * VARIANTS.index(variant))
-        with torch.no_grad():
-            for name, param in sorted(clip.cond_stage_model.named_parameters()):
-                if ".encoder.layers.1." in name:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.01)
+        for name, value in sorted(values.items()):
+            if ".encoder.layers.1." in name:
+                values[name] = (value.float() + torch.randn(value.shape, generator=generator) * 0.01).to(value.dtype)
+    compat.assign_parameters(encoder, values)
     return clip
 
 

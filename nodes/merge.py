@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import comfy.model_management as mm
 import comfy.utils
 import torch
-from comfy_api.latest import io
 
 from ..merging.key_weights import parse_weight_rules
 from ..merging.keys import fingerprint
 from ..merging.merge import merge_to_task_vector
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
+from .compat import io
 from .types import CATEGORY, TaskVectorType
 
 logger = logging.getLogger(__name__)

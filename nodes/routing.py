@@ -7,11 +7,10 @@ says where its expert stops. The machinery lives in ``routing_runtime``; the ran
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..merging.schedules import UNITS, Boundary
 from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
+from .compat import io
 from .routing_server import register_routes
 from .types import CATEGORY, TaskVectorType
 
@@ -91,7 +90,8 @@ def _memory_input() -> io.Combo.Input:
         "memory_mode",
         options=list(runtime.MEMORY_MODES),
         default="resident",
-        tooltip="resident: load every expert before sampling (fastest; VRAM ≈ sum of the experts). "
+        tooltip="resident: load every expert before sampling, and keep the weights of experts that share a model "
+        "(base + task vector, a LoRA) while they fit (fastest; VRAM ≈ sum of the experts). "
         "sequential: load only the active expert and swap at each boundary, once per run (VRAM ≈ the "
         "largest expert, like chained samplers).",
     )

@@ -12,10 +12,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from comfy_api.latest import io
 
 from ..merging import superdiff as sd
 from . import superdiff_runtime as runtime
+from .compat import io
 from .types import CATEGORY
 
 SUPERDIFF_CATEGORY = f"{CATEGORY}/superdiff"

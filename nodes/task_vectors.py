@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import comfy.model_management as mm
-from comfy_api.latest import io, ui
 
 from .. import merging
 from ..merging.channel_projection import is_companion_file
 from ..merging.task_vector_files import load_task_vector, save_task_vector, task_vector_from_files
 from ..merging.task_vectors import TaskVector, extract_task_vector, summarize
 from . import comfy_bridge as bridge
+from .compat import io, ui
 from .types import (
     CATEGORY,
     DTYPE_CHOICES,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from comfy_api.latest import io, ui
-
 from .. import merging
 from ..merging.channel_projection import companion_path, save_projections
 from ..merging.io import write_safetensors
@@ -24,6 +22,7 @@ from ..merging.training_schedules import (
 )
 from . import comfy_bridge as bridge
 from . import training_runtime as runtime
+from .compat import io, ui
 from .routing_runtime import sigma_scale
 from .training_plots import loss_panel, momentum_panel, sigma_histogram_panel, stacked, to_image_batch
 from .types import CATEGORY

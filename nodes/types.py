@@ -1,6 +1,6 @@
 """Socket types of the pack (type strings are global across packs, so they carry the DM_ prefix)."""
 
-from comfy_api.latest import io
+from .compat import io
 
 TaskVectorType = io.Custom("DM_TASK_VECTOR")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "diffusion-merge"
+SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first (0.3.64 last)
 
 
 class ServerError(RuntimeError):
@@ -29,13 +30,13 @@ class ServerError(RuntimeError):
 
 def find_comfyui(pack_root: Path = PACK_ROOT) -> tuple[Path, bool]:
     """(ComfyUI root, whether the pack is installed in its custom_nodes): ``$COMFYUI_PATH``, the
-    grandparent when the pack sits in ``ComfyUI/custom_nodes/``, else ``../shared/ComfyUI``."""
+    grandparent when the pack sits in ``ComfyUI/custom_nodes/``, else the newest snapshot in ``../shared``."""
     candidates = []
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(Path(os.environ["COMFYUI_PATH"]))
     if pack_root.parent.name == "custom_nodes":
         candidates.append(pack_root.parent.parent)
-    candidates.append(pack_root.parent / "shared" / "ComfyUI")
+    candidates += [pack_root.parent / "shared" / name for name in SNAPSHOTS]
     for root in candidates:
         if (root / "main.py").is_file():
             return root.resolve(), is_installed_in(root, pack_root)
@@ -70,7 +71,9 @@ class ComfyServer:
 
     The pack is added through ``--extra-model-paths-config`` (a ``custom_nodes`` folder holding a
     ``diffusion-merge`` symlink to the pack root) unless ComfyUI already loads it from its own
-    ``custom_nodes``. Use as a context manager, or call ``start()``, ``wait_ready()`` and ``stop()``.
+    ``custom_nodes``; ``model_folders`` ({"checkpoints": path, …}) go into the same file. The server runs
+    with ``--cpu`` unless ``cpu`` is False; ``extra_args`` are appended to its command line. Use as a
+    context manager, or call ``start()``, ``wait_ready()`` and ``stop()``.
     """
 
     def __init__(
@@ -82,9 +85,14 @@ class ComfyServer:
         port: int | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        cpu: bool = True,
+        extra_args: tuple[str, ...] = (),
+        model_folders: dict[str, Path] | None = None,
     ):
         self.comfyui, self.work, self.python = Path(comfyui), Path(work), python
         self.pack_installed = pack_installed
+        self.cpu, self.extra_args = cpu, tuple(extra_args)
+        self.model_folders = {name: Path(path) for name, path in (model_folders or {}).items()}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.pack_folder = PACK_ROOT.name if pack_installed else PACK_FOLDER_NAME
@@ -97,29 +105,30 @@ class ComfyServer:
 
     def command(self) -> list[str]:
         """The ``main.py`` command line (folders must exist; see ``prepare``)."""
-        cmd = [self.python, str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1"]
+        cmd = [self.python, str(self.comfyui / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes"]
-        if not self.pack_installed:
+        if not self.pack_installed or self.model_folders:
             cmd += ["--extra-model-paths-config", str(self.work / "extra_model_paths.yaml")]
         for name in ("user", "input", "output", "temp"):
             cmd += [f"--{name}-directory", str(self.work / name)]
-        return [*cmd, "--database-url", "sqlite:///:memory:"]
+        return [*cmd, "--database-url", "sqlite:///:memory:", *self.extra_args]
 
     def prepare(self) -> None:
         """Create the work folders and, when needed, the custom_nodes folder and its paths file."""
         for name in ("user", "input", "output", "temp"):
             (self.work / name).mkdir(parents=True, exist_ok=True)
-        if self.pack_installed:
-            return
-        nodes_dir = self.work / "custom_nodes"
-        nodes_dir.mkdir(exist_ok=True)
-        link = nodes_dir / PACK_FOLDER_NAME
-        if link.is_symlink() and link.resolve() != PACK_ROOT:
-            link.unlink()
-        if not link.exists():
-            link.symlink_to(PACK_ROOT, target_is_directory=True)
-        config = f"diffusion_merge:\n  custom_nodes: {json.dumps(str(nodes_dir))}\n"
-        (self.work / "extra_model_paths.yaml").write_text(config)
+        config = "".join(f"  {name}: {json.dumps(str(path))}\n" for name, path in self.model_folders.items())
+        if not self.pack_installed:
+            nodes_dir = self.work / "custom_nodes"
+            nodes_dir.mkdir(exist_ok=True)
+            link = nodes_dir / PACK_FOLDER_NAME
+            if link.is_symlink() and link.resolve() != PACK_ROOT:
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(PACK_ROOT, target_is_directory=True)
+            config += f"  custom_nodes: {json.dumps(str(nodes_dir))}\n"
+        if config:
+            (self.work / "extra_model_paths.yaml").write_text("diffusion_merge:\n" + config)
 
     def start(self) -> ComfyServer:
         self.prepare()

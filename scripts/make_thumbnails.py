@@ -3,8 +3,8 @@
 Each thumbnail is the workflow as ComfyUI's own editor draws it (headless Chromium, ``scripts/browser.py``),
 fitted to the view. The editor's template browser shows it next to the pack's templates.
 
-    .venv/bin/python scripts/make_thumbnails.py            # every workflow
-    .venv/bin/python scripts/make_thumbnails.py deme_merge # just these
+    .venv-0.33.0/bin/python scripts/make_thumbnails.py            # every workflow
+    .venv-0.33.0/bin/python scripts/make_thumbnails.py deme_merge # just these
 """
 
 from __future__ import annotations

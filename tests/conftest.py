@@ -1,7 +1,8 @@
 """Shared test set-up: find ComfyUI, import the pack under a fixed name, and build tiny models.
 
 ComfyUI is found through ``COMFYUI_PATH``, else the grandparent of the pack root when the pack sits in
-``ComfyUI/custom_nodes/<pack>``, else ``../shared/ComfyUI``; the run fails (never skips) without it.
+``ComfyUI/custom_nodes/<pack>``, else the newest snapshot in ``../shared`` (``ComfyUI-0.33.0``, then
+``ComfyUI`` = 0.3.64); the run fails (never skips) without it.
 The pack is imported as the package ``diffusion_merge`` whatever its folder is called. Unit tests use only
 ``diffusion_merge.merging`` and never put ComfyUI on ``sys.path``; the ``comfyui`` fixture boots ComfyUI in
 process for integration tests, with every folder ComfyUI writes redirected into a temporary directory.
@@ -21,6 +22,7 @@ import pytest
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "diffusion_merge"
+SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first
 
 
 def find_comfyui() -> tuple[Path, bool]:
@@ -30,7 +32,7 @@ def find_comfyui() -> tuple[Path, bool]:
         candidates.append((Path(os.environ["COMFYUI_PATH"]), False))
     if PACK_ROOT.parent.name == "custom_nodes":
         candidates.append((PACK_ROOT.parent.parent, True))
-    candidates.append((PACK_ROOT.parent / "shared" / "ComfyUI", False))
+    candidates += [(PACK_ROOT.parent / "shared" / name, False) for name in SNAPSHOTS]
     for root, installed in candidates:
         if (root / "main.py").is_file() and (root / "comfy").is_dir():
             return root.resolve(), installed
@@ -267,12 +269,14 @@ def run_prompt(comfyui):
 
     import execution
 
+    from diffusion_merge.nodes import compat
+
     def run(prompt: dict) -> dict:
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"invalid prompt: {valid[1]} {valid[3]}")
-        executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+        executor = compat.prompt_executor(_StubServer())
         executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
         if not executor.success:
             errors = [data for event, data in executor.server.events if event == "execution_error"]

@@ -93,11 +93,12 @@ def test_example_workflow_opens_round_trips_and_queues(path, editor, server, wor
 
     unknown = [node["type"] for node in loaded["nodes"] if not node["registered"]]
     assert not unknown, f"missing node types: {unknown}"
-    saved = {node["id"]: node.get("widgets_values") for node in loaded["saved"]["nodes"]}
+    # a node without widgets is saved with "widgets_values": [] by older frontends and without it by newer ones
+    saved = {node["id"]: node.get("widgets_values") or [] for node in loaded["saved"]["nodes"]}
     drift = {
         node["id"]: (node.get("widgets_values"), saved.get(node["id"]))
         for node in workflow["nodes"]
-        if node.get("widgets_values") != saved.get(node["id"])
+        if (node.get("widgets_values") or []) != saved.get(node["id"])
     }
     assert not drift, f"widgets_values changed by load + save: {drift}"
     assert len(loaded["saved"]["links"]) == len(workflow["links"])

@@ -12,9 +12,9 @@ import torch
 
 from diffusion_merge.merging.channel_projection import companion_path
 from diffusion_merge.merging.training_schedules import MomentumDecay, TimeRange, range_cdf, training_progress
+from diffusion_merge.nodes import compat, training
 from diffusion_merge.nodes import merge as merge_nodes
 from diffusion_merge.nodes import task_vectors as tv_nodes
-from diffusion_merge.nodes import training
 
 BASE_SETTINGS = dict(
     steps=4,
@@ -159,7 +159,7 @@ def test_trained_lora_loads_with_stock_nodes_and_samples_like_the_trainer_model(
     assert torch.equal(sample(base), before)  # the input MODEL is untouched
     assert "diffusion_model.input_blocks.1.1.proj_in.lora_up.weight" in out["lora"]
     assert any(key.endswith(".diff_b") for key in out["lora"])
-    SaveLoRA().save(out["lora"], "loras/stock_check", out["steps"])
+    compat.run_node(SaveLoRA, lora=out["lora"], prefix="loras/stock_check", steps=out["steps"])
     saved = next((comfyui / "output" / "loras").glob("stock_check_4_steps_*.safetensors"))
     shutil.copy(saved, comfyui / "models" / "loras" / saved.name)
     with caplog.at_level(logging.WARNING):
