@@ -60,7 +60,7 @@ def saved_images(comfyui, outputs: dict, node: str = "7") -> torch.Tensor:
     pictures = []
     for entry in outputs[node]["images"]:
         path = comfyui / "output" / entry["subfolder"] / entry["filename"]
-        pictures.append(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).float() / 255.0)
+        pictures.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float() / 255.0)
     return torch.stack(pictures).movedim(-1, 1)
 
 
@@ -99,19 +99,18 @@ def test_sample_images_helper_follows_class_and_colour_and_is_seeded(base, class
     torch.testing.assert_close(again, images[:3])
 
 
-def test_class_group_variants_are_better_on_their_own_classes(comfyui, classifier):
-    """A is trained on classes 0–4 and B on 5–9: each beats the other on its own classes."""
-    accuracy = {}
+def test_class_group_variants_draw_their_own_classes_without_a_prompt(comfyui, classifier):
+    """A is base fine-tuned on classes 0–4 and B on 5–9: their unconditional pictures (empty prompt) fall into
+    their own half, while prompted classes still work in both (the text encoder is shared and frozen)."""
+    share_of_a = {}
     for variant in ("a", "b"):
         model, clip, vae = mini_models.load_variant(variant)
-        for group in ("a", "b"):
-            classes = data.CLASS_GROUPS[group]
-            prompts = [data.caption(k, None) for k in classes for _ in range(6)]
-            targets = torch.tensor(classes).repeat_interleave(6)
-            images = mini_models.sample_images(model, clip, vae, prompts, seed=11)
-            accuracy[variant, group] = metrics.class_accuracy(metrics.predict(classifier, images), targets)
-    assert accuracy["a", "a"] > accuracy["b", "a"]
-    assert accuracy["b", "b"] > accuracy["a", "b"]
+        images = mini_models.sample_images(model, clip, vae, [""] * 30, seed=3)
+        predicted = metrics.predict(classifier, images).classes
+        share_of_a[variant] = float(torch.isin(predicted, torch.tensor(data.CLASS_GROUPS["a"])).float().mean())
+        prompted = mini_models.sample_images(model, clip, vae, ["a red trousers", "a red bag"], seed=4)
+        assert metrics.predict(classifier, prompted).classes.tolist() == [1, 8]
+    assert share_of_a["a"] >= 0.8 and share_of_a["b"] <= 0.4
 
 
 def test_variants_share_text_encoder_and_vae_and_differ_in_the_unet(comfyui):
