@@ -20,6 +20,7 @@ file that replaces the target only when complete.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -66,7 +67,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such file: '{self.path}'")
-        self._entries, self.metadata, self._data_start = _read_header(self.path)
+        self._entries, self.metadata, self._data_start, _ = _read_header(self.path)
         self.drop_behind = drop_behind and hasattr(os, "posix_fadvise")
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -179,32 +180,99 @@ def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ReadBuffe
 
 
 def _read_header(path: Path):
+    """(entries, metadata, data start, raw header bytes) of a safetensors file, every entry validated.
+
+    Nothing is allocated from a header value before it is checked against the file: a header is only
+    trusted once every tensor's dtype is known, its shape is a list of non-negative integers, its byte
+    span equals numel × item size, lies inside the file and overlaps no other tensor's span.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (too short)")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER_BYTES or header_len > path.stat().st_size - 8:
+        if header_len == 0 or header_len > _MAX_HEADER_BYTES:
             raise NotSafetensorsError(
                 f"'{path.name}' is not a safetensors file (pickled .ckpt/.pt files are refused; convert them "
                 "to .safetensors first)"
             )
+        if header_len > size - 8:
+            raise NotSafetensorsError(
+                f"'{path.name}' is truncated: its header says {header_len} bytes but the file holds {size - 8} "
+                "after the length field"
+            )
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (unreadable header)") from None
+    except _DuplicateKey as duplicate:
+        raise NotSafetensorsError(f"'{path.name}': the header names '{duplicate.key}' twice") from None
     if not isinstance(header, dict):
         raise NotSafetensorsError(f"'{path.name}' is not a safetensors file (header is not a table)")
     metadata = header.pop("__metadata__", None) or {}
-    entries = {}
-    for key, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            entries[key] = (dtype, tuple(info["shape"]), tuple(info["data_offsets"]))
-        except (KeyError, TypeError):
-            raise NotSafetensorsError(f"'{path.name}': unsupported or malformed entry '{key}'") from None
-    return entries, metadata, 8 + header_len
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NotSafetensorsError(f"'{path.name}': the header's __metadata__ is not a table of strings")
+    data_size = size - 8 - header_len
+    entries = {key: _checked_entry(path.name, key, info, data_size) for key, info in header.items()}
+    _check_no_overlap(path.name, entries)
+    return entries, metadata, 8 + header_len, raw
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    table = {}
+    for key, value in pairs:
+        if key in table:
+            raise _DuplicateKey(key)
+        table[key] = value
+    return table
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_entry(filename: str, key: str, info: object, data_size: int):
+    """(dtype, shape, (begin, end)) of one header entry, or NotSafetensorsError naming file and key."""
+
+    def refuse(problem: str) -> NotSafetensorsError:
+        return NotSafetensorsError(f"'{filename}': tensor '{key}' {problem}; the file is damaged or not safetensors")
+
+    if not isinstance(info, dict):
+        raise refuse("has no dtype/shape/data_offsets entry")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise refuse(f"has unsupported dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise refuse(f"has shape {shape!r}, not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise refuse(f"has data_offsets {offsets!r}, not two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise refuse(f"has data_offsets [{begin}, {end}] that end before they begin")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    if end - begin != expected:
+        raise refuse(f"is {shape} {dtype_name} ({expected} bytes) but its data_offsets span {end - begin} bytes")
+    if end > data_size:
+        raise refuse(f"ends at byte {end} of the data, but the file holds {data_size} bytes of data (truncated?)")
+    return dtype, tuple(shape), (begin, end)
+
+
+def _check_no_overlap(filename: str, entries: dict) -> None:
+    spans = sorted((begin, end, key) for key, (_, _, (begin, end)) in entries.items() if end > begin)
+    for (_, previous_end, previous), (begin, _, key) in itertools.pairwise(spans):
+        if begin < previous_end:
+            raise NotSafetensorsError(
+                f"'{filename}': tensors '{previous}' and '{key}' overlap in the file (byte {begin} belongs to "
+                "both); the file is damaged or not safetensors"
+            )
 
 
 def shape_of(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
