@@ -16,7 +16,7 @@ from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 
 from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
 from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
-from ..merging.io import RenamedMapping, SafetensorsFile
+from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
 from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX
 from . import projection
 
@@ -272,6 +272,23 @@ def resolve_model_file(name: str, *folders: str) -> str:
         if path:
             return path
     raise FileNotFoundError(f"'{name}' was not found in the {' / '.join(folders)} model folders")
+
+
+def files_fingerprint(names_and_folders: list[tuple[str, tuple[str, ...]]]) -> str | float:
+    """A value that changes whenever one of the named model files is rewritten or replaced: what a file-reading
+    node returns from ``fingerprint_inputs``, so that ComfyUI's cache never reuses what an old file gave.
+    NaN (never equal: the node runs again) when a file cannot be found or read; the node then says why."""
+    parts = []
+    for name, folders in names_and_folders:
+        try:
+            path = resolve_model_file(name, *folders)
+            parts.append(f"{path}:{file_fingerprint(path)}")
+            companion = companion_path(path)
+            if companion.is_file():
+                parts.append(f"{companion}:{file_fingerprint(companion)}")
+        except (OSError, ValueError):
+            return float("nan")
+    return "|".join(parts)
 
 
 def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safetensors") -> Path:

@@ -111,6 +111,10 @@ class TaskVectorFromFiles(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, finetuned_file, base_file, **_):
+        return bridge.files_fingerprint([(finetuned_file, MODEL_FILE_FOLDERS), (base_file, MODEL_FILE_FOLDERS)])
+
+    @classmethod
     def execute(cls, finetuned_file, base_file, key_filter="", nonfinite="error"):
         vector = task_vector_from_files(
             bridge.resolve_model_file(finetuned_file, *MODEL_FILE_FOLDERS),
@@ -148,6 +152,10 @@ class TaskVectorFromLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name, **_):
+        return bridge.files_fingerprint([(lora_name, ("loras",))])
+
+    @classmethod
     def execute(cls, lora_name, model, clip=None):
         path = bridge.resolve_model_file(lora_name, "loras")
         return io.NodeOutput(bridge.lora_task_vector(path, model, clip))
@@ -172,6 +180,10 @@ class TaskVectorLoad(io.ComfyNode):
             ],
             outputs=[_tv_output()],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, name, **_):
+        return bridge.files_fingerprint([(name, TASK_VECTOR_FILE_FOLDERS)])
 
     @classmethod
     def execute(cls, name, nonfinite="error"):
