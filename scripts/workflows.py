@@ -77,11 +77,27 @@ def has_generate_control(name: str, kind: str, options: dict) -> bool:
     return kind == "INT" and name in SEED_NAMES
 
 
-def widget_layout(info: dict) -> list[tuple[str, int]]:
-    """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order."""
+def had_legacy_generate_control(name: str, kind: str, options: dict) -> bool:
+    """Whether workflows saved before an input opted out of "control after generate" (``False``) may still
+    carry its value: an INT named ``seed``/``noise_seed`` had one by the frontend's legacy rule."""
+    return kind == "INT" and name in SEED_NAMES and options.get("control_after_generate") is False
+
+
+def widget_layout(info: dict, legacy: bool = False) -> list[tuple[str, int]]:
+    """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order; with
+    ``legacy``, as older saves of the node have it (a control value after each seed input that has since
+    opted out of "control after generate")."""
     return [
-        (name, len(ui_only_values(name, kind, opts))) for name, kind, opts in input_specs(info) if is_widget(kind, opts)
+        (name, len(ui_only_values(name, kind, opts)) + (legacy and had_legacy_generate_control(name, kind, opts)))
+        for name, kind, opts in input_specs(info)
+        if is_widget(kind, opts)
     ]
+
+
+def accepted_layouts(info: dict) -> list[list[tuple[str, int]]]:
+    """The widget layout of the node as defined now, then (when different) the one its older saves have."""
+    current, legacy = widget_layout(info), widget_layout(info, legacy=True)
+    return [current] if legacy == current else [current, legacy]
 
 
 def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
@@ -171,10 +187,11 @@ def _node_to_api(node: dict, object_info: dict, sources: dict[int, tuple[int, in
 
 
 def _widget_inputs(node: dict, info: dict, label: str) -> dict[str, Any]:
-    layout = widget_layout(info)
     values = node.get("widgets_values") or []
     if not isinstance(values, list):
         raise WorkflowError(f"{label}: widgets_values is a {type(values).__name__}, expected a list")
+    layouts = accepted_layouts(info)
+    layout = next((lay for lay in layouts if sum(1 + extra for _, extra in lay) == len(values)), layouts[0])
     expected = sum(1 + extra for _, extra in layout)
     if len(values) != expected:
         names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layout) or "none"

@@ -111,3 +111,28 @@ def test_use_demo_models_caps_training_steps(workflows):
     demo = workflows.use_demo_models(prompt)
     assert [demo[i]["inputs"]["steps"] for i in "123"] == [workflows.DEMO_TRAINING_STEPS, 2, ["9", 0]]
     assert prompt["1"]["inputs"]["steps"] == 500
+
+
+DEMO_LOADER_INFO = {  # as /object_info describes DM_DemoCheckpointLoader: its seed opts out of the control
+    "DM_DemoCheckpointLoader": {
+        "input": {
+            "required": {
+                "variant": [["base", "finetune-a"], {"default": "base"}],
+                "seed": ["INT", {"default": 0, "control_after_generate": False}],
+            }
+        },
+        "input_order": {"required": ["variant", "seed"]},
+        "output": ["MODEL", "CLIP", "VAE"],
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "saved", [["finetune-a", 3], ["finetune-a", 3, "randomize"], ["finetune-a", 3, "fixed"]], ids=["now", "old", "old2"]
+)
+def test_demo_loader_seed_has_no_control_and_old_saves_still_convert(workflows, saved):
+    info = DEMO_LOADER_INFO["DM_DemoCheckpointLoader"]
+    assert workflows.widget_layout(info) == [("variant", 0), ("seed", 0)]
+    graph = workflow(node(1, "DM_DemoCheckpointLoader", saved, outputs=["MODEL", "CLIP", "VAE"]))
+    prompt = workflows.workflow_to_prompt(graph, DEMO_LOADER_INFO)
+    assert prompt["1"]["inputs"] == {"variant": "finetune-a", "seed": 3}
