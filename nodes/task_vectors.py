@@ -75,14 +75,16 @@ class TaskVectorFromModels(io.ComfyNode):
             raise ValueError("connect both clip_finetuned and clip_base, or neither")
         projections = bridge.projection_task_vector(finetuned, base)
         if projections is not None:
-            vector = vector + projections
+            vector = vector.join(projections)
         if clip_finetuned is not None:
-            vector = vector + extract_task_vector(
-                bridge.clip_weights(clip_finetuned),
-                bridge.clip_weights(clip_base),
-                key_filter=key_filter or None,
-                nonfinite=policy,
-                names=("finetuned CLIP", "base CLIP"),
+            vector = vector.join(
+                extract_task_vector(
+                    bridge.clip_weights(clip_finetuned),
+                    bridge.clip_weights(clip_base),
+                    key_filter=key_filter or None,
+                    nonfinite=policy,
+                    names=("finetuned CLIP", "base CLIP"),
+                )
             )
         return io.NodeOutput(vector)
 
