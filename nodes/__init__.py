@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from . import checkpoints, demo, merge, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
+from .validation import refuse_nonfinite_numbers
 
 register_task_vector_folder()
 
@@ -16,6 +17,8 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *training.NODES,
     *demo.NODES,
 ]
+for _node in ALL_NODES:  # every FLOAT input of every node must be a finite number (see validation.py)
+    refuse_nonfinite_numbers(_node)
 
 
 class DiffusionMergeExtension(ComfyExtension):

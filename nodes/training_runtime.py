@@ -20,6 +20,7 @@ How it uses ComfyUI (comfyui-internals.md §D; re-implemented from the descripti
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +91,9 @@ class TrainingSettings:
         for name in ("steps", "batch_size", "grad_accumulation", "rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "consistency_weight", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be above 0, got {self.learning_rate}")
         if self.consistency_weight < 0 or self.grad_clip < 0:
