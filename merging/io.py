@@ -27,6 +27,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import struct
@@ -36,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -335,6 +338,7 @@ def write_safetensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    overflow: str = "error",
 ) -> Path:
     """Write tensors to ``path`` one at a time, atomically.
 
@@ -342,7 +346,14 @@ def write_safetensors(
     checked against its spec, converted to the spec's dtype and written before the next is produced.
     ``progress`` is called with the number of tensors written so far. The file appears under its final
     name only when everything was written.
+
+    Floating-point values must fit the dtype they are stored in: a tensor holding NaN/Inf, or values beyond
+    the dtype's largest finite value (65504 for fp16, 448 for fp8 e4m3fn), stops the write with a ValueError
+    naming the key, and nothing is written. ``overflow="clamp"`` stores such values as the nearest finite
+    value instead (logged with the keys); NaN/Inf are refused either way.
     """
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
     path = Path(path)
     specs = list(specs)
     header, data_size = _header_for(specs, metadata)
@@ -351,7 +362,7 @@ def write_safetensors(
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(struct.pack("<Q", len(header)))
             handle.write(header)
-            written = _write_tensors(handle, specs, tensors, progress)
+            written = _write_tensors(handle, specs, tensors, progress, overflow)
             if written != data_size:
                 raise RuntimeError(f"wrote {written} bytes of tensor data, expected {data_size}")
             handle.flush()
@@ -380,10 +391,11 @@ def _header_for(specs, metadata) -> tuple[bytes, int]:
     return raw + b" " * (-len(raw) % 8), offset
 
 
-def _write_tensors(handle, specs, tensors, progress) -> int:
+def _write_tensors(handle, specs, tensors, progress, overflow: str) -> int:
     written = 0
     produced = iter(tensors)
     staging = _Staging()
+    clamped: list[str] = []
     for done, (key, dtype, shape) in enumerate(specs, start=1):
         try:
             got_key, tensor = next(produced)
@@ -392,12 +404,93 @@ def _write_tensors(handle, specs, tensors, progress) -> int:
         if got_key != key or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"expected '{key}' {tuple(shape)}, got '{got_key}' {tuple(tensor.shape)}")
         data = staging.cpu_copy(tensor.detach(), dtype)
+        if dtype.is_floating_point and not _fits(tensor.detach(), data, dtype):
+            problem = _range_problem(tensor.detach(), dtype)
+            if overflow != "clamp" or problem.startswith("holds NaN/Inf"):
+                raise ValueError(
+                    f"tensor '{key}' ({done} of {len(specs)}) {problem}; nothing was written. "
+                    + (_NONFINITE_ADVICE if problem.startswith("holds NaN/Inf") else _OVERFLOW_ADVICE)
+                )
+            limit = torch.finfo(dtype).max
+            data.view(shape).copy_(tensor.detach().to(torch.float32).clamp(-limit, limit))
+            clamped.append(key)
         if data.numel():
             handle.write(data.view(torch.uint8).numpy().data)
         written += data.numel() * data.element_size()
         if progress is not None:
             progress(done)
+    if clamped:
+        logger.warning(
+            "%d tensor(s) had values beyond their storage dtype's range and were clamped to it: %s",
+            len(clamped),
+            ", ".join(f"'{key}'" for key in clamped[:5]) + (" …" if len(clamped) > 5 else ""),
+        )
     return written
+
+
+OVERFLOW_POLICIES = ("error", "clamp")
+_FLOAT8 = tuple(dtype for name, dtype in SAFETENSORS_DTYPES.items() if name.startswith("F8"))
+_OVERFLOW_ADVICE = (
+    "Store it in a wider dtype (bf16 or fp32), scale the change down, or choose to clamp out-of-range values "
+    "(overflow = clamp) to store the nearest representable ones."
+)
+_NONFINITE_ADVICE = "The values are broken upstream (a diverged training, a NaN input model); they cannot be stored."
+
+
+def _fits(source: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of ``source`` is finite and representable in ``dtype`` (``stored`` is its copy in
+    ``dtype``). fp16/bf16/fp32 turn an overflow into ±Inf, so the stored copy tells; fp8 conversion saturates
+    silently, so there the source is measured."""
+    if dtype in _FLOAT8:
+        largest = _largest_magnitude(source)
+        return math.isfinite(largest) and largest <= torch.finfo(dtype).max
+    if not stored.numel():
+        return True
+    # A finite sum proves every entry finite; only a non-finite sum needs the elementwise check.
+    return bool(torch.isfinite(stored.sum(dtype=torch.float32))) or bool(torch.isfinite(stored).all())
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """max |x| (NaN when any entry is NaN, inf when any is ±inf); 0 for an empty tensor."""
+    if not tensor.numel():
+        return 0.0
+    if tensor.dtype in _FLOAT8:
+        tensor = tensor.to(torch.float16)
+    low, high = torch.aminmax(tensor)
+    low, high = float(low), float(high)
+    return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
+
+
+def check_storable(tensors: Mapping[str, torch.Tensor], what: str = "the tensors") -> None:
+    """Refuse in-memory tensors holding NaN/Inf before any of them is written, naming every such key."""
+    broken = [
+        key
+        for key, tensor in tensors.items()
+        if tensor.is_floating_point() and not math.isfinite(_largest_magnitude(tensor.detach()))
+    ]
+    if broken:
+        shown = ", ".join(f"'{key}'" for key in broken[:5]) + (f" (+{len(broken) - 5} more)" if len(broken) > 5 else "")
+        raise ValueError(
+            f"{len(broken)} of the {len(tensors)} tensors of {what} hold NaN/Inf values: {shown}; nothing was "
+            f"written. {_NONFINITE_ADVICE}"
+        )
+
+
+def _range_problem(source: torch.Tensor, dtype: torch.dtype) -> str:
+    largest = _largest_magnitude(source)
+    if not math.isfinite(largest):
+        return "holds NaN/Inf values"
+    name = _STORAGE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return f"has values up to |x| = {largest:.4g}, beyond the largest {name} value ({torch.finfo(dtype).max:.6g})"
+
+
+_STORAGE_NAMES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float8_e4m3fn: "fp8_e4m3fn",
+    torch.float8_e5m2: "fp8_e5m2",
+}
 
 
 class _Staging:

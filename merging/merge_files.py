@@ -35,13 +35,16 @@ def merge_checkpoint_files(
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool | None] | None = None,
+    overflow: str = "error",
     **params: Any,
 ) -> Path:
     """Write base + merge(τᵢ = finetunedᵢ − base) to ``output_path`` in the base file's own layout.
 
     ``method`` and ``params`` are those of :func:`merging.merge_task_vectors`. The diffusion-model keys are
     merged; every other tensor of the base file (text encoder, VAE) is copied. Floating-point tensors are
-    stored in ``dtype``. The merge recipe goes into the metadata. Returns the written path.
+    stored in ``dtype``; a merged weight beyond its range (or NaN/Inf) stops the write naming the key, unless
+    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`). The merge recipe goes into the
+    metadata. Returns the written path.
     """
     target = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     base = SafetensorsFile(base_path)
@@ -74,7 +77,7 @@ def merge_checkpoint_files(
         "dm_sources": json.dumps([Path(p).name for p in finetuned_paths]),
         "dm_base_fingerprint": vectors[0].base_fingerprint or "",
     }
-    return write_safetensors(output_path, specs, stream(), metadata)
+    return write_safetensors(output_path, specs, stream(), metadata, overflow=overflow)
 
 
 def _spec(file: SafetensorsFile, key: str, target: torch.dtype):

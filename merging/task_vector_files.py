@@ -63,10 +63,13 @@ def save_task_vector(
     metadata: Mapping[str, str] | None = None,
     device: torch.device | str | None = None,
     progress=None,
+    overflow: str = "error",
 ) -> Path:
     """Write a task vector key by key, atomically, loadable by ComfyUI's stock LoRA loaders.
 
-    ``progress`` (optional) is called with the number of keys written so far after each key.
+    ``progress`` (optional) is called with the number of keys written so far after each key. A delta with
+    values beyond ``dtype``'s range (e.g. > 65504 in fp16) stops the save naming the key, unless
+    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`).
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     keys = vector.keys()
@@ -83,7 +86,7 @@ def save_task_vector(
     }
 
     stream = ((saved_key(key), vector.delta(key, device)) for key in keys)
-    return write_safetensors(path, specs, stream, header, progress)
+    return write_safetensors(path, specs, stream, header, progress, overflow)
 
 
 def load_task_vector(path: str | os.PathLike, nonfinite: str = "error") -> TaskVector:

@@ -20,6 +20,7 @@ from .types import (
     key_filter_input,
     nonfinite_input,
     nonfinite_policy,
+    overflow_input,
 )
 
 TV_CATEGORY = f"{CATEGORY}/task_vectors"
@@ -217,6 +218,7 @@ class TaskVectorSave(io.ComfyNode):
                     tooltip="Storage precision: fp16 (half the size of fp32, what LoRA files use), bf16, or fp32 "
                     "(exact).",
                 ),
+                overflow_input(),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -224,7 +226,9 @@ class TaskVectorSave(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, task_vector: TaskVector, filename_prefix="task_vectors/task_vector", dtype="fp16"):
+    def execute(
+        cls, task_vector: TaskVector, filename_prefix="task_vectors/task_vector", dtype="fp16", overflow="error"
+    ):
         path = bridge.output_path(filename_prefix, default_folder=bridge.TASK_VECTOR_FOLDER)
         metadata = {"dm_version": merging.__version__}
         prompt = getattr(cls.hidden, "prompt", None)  # hidden is unset when called outside a prompt
@@ -237,6 +241,7 @@ class TaskVectorSave(io.ComfyNode):
             metadata=metadata,
             device=mm.get_torch_device(),
             progress=bridge.KeyProgress(len(task_vector)),
+            overflow=overflow,
         )
         relative = path.relative_to(Path(bridge.folder_paths.get_output_directory()).resolve())
         return io.NodeOutput(ui={"text": [f"saved {len(task_vector)} keys to output/{relative.as_posix()}"]})

@@ -128,6 +128,10 @@ class TrainingLog:
         return {name: list(value) if isinstance(value, (list, tuple)) else value for name, value in vars(self).items()}
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the trained weights became NaN/Inf: nothing usable was trained."""
+
+
 @dataclass
 class TrainingResult:
     model: Any
@@ -285,6 +289,8 @@ class RangeExpertTrainer:
                 self._optimizer_step(step, optimizer, guider, extra_args, conds, latents, order, levels, progress)
         finally:
             progress.close()
+        if not all(bool(torch.isfinite(p).all()) for p in self._parameters()):
+            raise TrainingDiverged(self._divergence_message(settings.steps, "the trained weights hold NaN/Inf"))
         self.log.eval_range_loss.append(self._evaluate(guider, extra_args, conds, count, *evaluation))
 
     def _optimizer_step(self, step, optimizer, guider, extra_args, conds, latents, order, levels, progress) -> None:
@@ -300,6 +306,7 @@ class RangeExpertTrainer:
             sigma = levels.sigma(draw.normalized_times)
             batch_conds = select_rows(conds, indices, latents.shape[0])
             losses = self._losses(guider, extra_args, batch_conds, latents[indices], sigma)
+            self._check_finite_loss(step, float(losses[0].detach()))
             (losses[0] / settings.grad_accumulation).backward()
             totals += torch.stack([loss.detach().float().cpu() for loss in losses])
             self.log.sigma += sigma.tolist()
@@ -316,6 +323,21 @@ class RangeExpertTrainer:
         self.log.curriculum_weight.append(settings.timesteps.curriculum_weight(tau))
         self.log.step_seconds.append(time.perf_counter() - started)  # the losses above synchronised the device
         progress.update(step, settings.steps, total)
+
+    def _check_finite_loss(self, step: int, loss: float) -> None:
+        """Stop at the first non-finite loss: every later update would only spread NaN through the adapters."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._divergence_message(step + 1, f"the loss is {loss}"))
+
+    def _divergence_message(self, step: int, what: str) -> str:
+        settings = self.settings
+        last = next(((i, v) for i, v in reversed(list(enumerate(self.log.loss, start=1))) if math.isfinite(v)), None)
+        before = f" (last finite loss {last[1]:.4g} at step {last[0]})" if last else ""
+        return (
+            f"training diverged at step {step} of {settings.steps}: {what}{before}; no LoRA is output. Lower the "
+            f"learning rate (now {settings.learning_rate:g}), keep gradient clipping on (grad_clip now "
+            f"{settings.grad_clip:g}; 1 is DeMe's), or use AdamW (now {settings.optimizer})."
+        )
 
     def _losses(self, guider, extra_args, conds, x0, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, range loss, consistency loss) of one micro-batch."""

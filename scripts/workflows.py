@@ -50,6 +50,8 @@ def input_specs(info: dict) -> Iterator[tuple[str, str, dict]]:
             spec = declared[name]
             kind = "COMBO" if isinstance(spec[0], list) else spec[0]  # V1 combos are a list of choices
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if isinstance(spec[0], list) and "options" not in options:
+                options = {**options, "options": spec[0]}
             yield name, kind, options
 
 
@@ -190,20 +192,51 @@ def _widget_inputs(node: dict, info: dict, label: str) -> dict[str, Any]:
     values = node.get("widgets_values") or []
     if not isinstance(values, list):
         raise WorkflowError(f"{label}: widgets_values is a {type(values).__name__}, expected a list")
+    specs = {name: (kind, opts) for name, kind, opts in input_specs(info)}
+    optional = set(info["input"].get("optional", {}))
     layouts = accepted_layouts(info)
-    layout = next((lay for lay in layouts if sum(1 + extra for _, extra in lay) == len(values)), layouts[0])
-    expected = sum(1 + extra for _, extra in layout)
-    if len(values) != expected:
-        names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layout) or "none"
-        raise WorkflowError(
-            f"{label}: {len(values)} widget values, expected {expected} for widgets: {names}. "
-            "Was the workflow saved with another version of this node?"
-        )
+    for layout in layouts:
+        inputs = _read_widgets(values, layout, optional)
+        if inputs is not None and (len(inputs) == len(layout) or _plausible(inputs, specs)):
+            return inputs
+    expected = sum(1 + extra for _, extra in layouts[0])
+    names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layouts[0]) or "none"
+    raise WorkflowError(
+        f"{label}: {len(values)} widget values, expected {expected} for widgets: {names}. "
+        "Was the workflow saved with another version of this node?"
+    )
+
+
+def _read_widgets(values: list, layout: list[tuple[str, int]], optional: set[str]) -> dict[str, Any] | None:
+    """Widget values by position, or None when they do not fit the layout. Trailing optional widgets may be
+    missing (the workflow was saved before they were added): they are left out, so the server uses their
+    defaults, as the editor does when it opens such a workflow."""
     inputs, position = {}, 0
     for name, extra in layout:
+        if position >= len(values):
+            if name not in optional:
+                return None
+            continue
         inputs[name] = values[position]
         position += 1 + extra
-    return inputs
+    return inputs if position == len(values) else None
+
+
+def _plausible(inputs: dict[str, Any], specs: dict[str, tuple[str, dict]]) -> bool:
+    """Whether each value has its widget's type (a combo's value is one of its options): a shorter save is
+    only read as "trailing optional widgets missing" when every value lands on a widget that can hold it."""
+    checks = {
+        "INT": lambda v, _: isinstance(v, int) and not isinstance(v, bool),
+        "FLOAT": lambda v, _: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "STRING": lambda v, _: isinstance(v, str),
+        "BOOLEAN": lambda v, _: isinstance(v, bool),
+        "COMBO": lambda v, opts: v in (opts.get("options") or [v]),
+    }
+    for name, value in inputs.items():
+        kind, options = specs[name]
+        if kind in checks and not checks[kind](value, options):
+            return False
+    return True
 
 
 # -- built-in demo models -----------------------------------------------------------------------------

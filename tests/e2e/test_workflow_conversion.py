@@ -136,3 +136,25 @@ def test_demo_loader_seed_has_no_control_and_old_saves_still_convert(workflows, 
     graph = workflow(node(1, "DM_DemoCheckpointLoader", saved, outputs=["MODEL", "CLIP", "VAE"]))
     prompt = workflows.workflow_to_prompt(graph, DEMO_LOADER_INFO)
     assert prompt["1"]["inputs"] == {"variant": "finetune-a", "seed": 3}
+
+
+def test_trailing_optional_widgets_added_later_may_be_missing(workflows):
+    """A workflow saved before a node gained an optional widget (e.g. the save nodes' overflow) converts; the
+    server then uses that widget's default."""
+    info = {
+        "Saver": {
+            "input": {
+                "required": {"prefix": ["STRING", {}], "dtype": [["fp16", "fp32"], {}]},
+                "optional": {"overflow": [["error", "clamp"], {"default": "error"}]},
+            },
+            "output": [],
+        }
+    }
+    old = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16"])), info)
+    assert old["1"]["inputs"] == {"prefix": "out", "dtype": "fp16"}
+    new = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16", "clamp"])), info)
+    assert new["1"]["inputs"] == {"prefix": "out", "dtype": "fp16", "overflow": "clamp"}
+    with pytest.raises(workflows.WorkflowError, match="1 widget values, expected 3"):
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out"])), info)
+    with pytest.raises(workflows.WorkflowError, match="2 widget values, expected 3"):  # not a dtype: not a shorter save
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "clamp"])), info)
