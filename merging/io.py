@@ -17,8 +17,9 @@ that the file still has the size, modification time and inode it had then: a fil
 an open reader would otherwise be read at its old offsets, which gives plausible but wrong tensors.
 
 The writer knows every key's dtype and shape in advance (task vectors and merges know them without
-computing anything), writes the header first and then each tensor as it is produced, into a temporary
-file that replaces the target only when complete.
+computing anything), writes the header first and then each tensor as it is produced, into a hidden partial
+file (locked while it is written) that replaces the target only when complete. A save that is killed leaves
+its partial file behind; the next save into the same folder removes such files once no writer holds them.
 """
 
 from __future__ import annotations
@@ -30,13 +31,20 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -357,8 +365,10 @@ def write_safetensors(
     path = Path(path)
     specs = list(specs)
     header, data_size = _header_for(specs, metadata)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_partials(path.parent)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
+        _hold_writer_lock(descriptor)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(struct.pack("<Q", len(header)))
             handle.write(header)
@@ -372,6 +382,75 @@ def write_safetensors(
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+# -- partial files of interrupted saves ---------------------------------------------------------------
+
+PARTIAL_SUFFIX = ".dm-partial"
+_PARTIAL_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(PARTIAL_SUFFIX) + "$")
+_LEGACY_PARTIAL_NAME = re.compile(r"^\..+\.safetensors\.[a-z0-9_]{8}\.tmp$")  # earlier versions
+PARTIAL_MIN_AGE_S = 60.0
+LEGACY_PARTIAL_MIN_AGE_S = 24 * 3600.0
+
+
+def _hold_writer_lock(descriptor: int) -> None:
+    """Hold an exclusive lock on our partial file while writing it: the kernel drops it when the writer dies,
+    which is how :func:`remove_stale_partials` tells a live save from a killed one."""
+    if fcntl is not None:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the partial files that killed saves of this writer left in ``folder``; returns what was removed.
+
+    Only names this writer creates (``.<target>.<8 random characters>.dm-partial``, and the ``….tmp`` names of
+    earlier versions) are considered, never a symlink, never one modified in the last minute, and never one a
+    live writer holds locked (earlier versions took no lock: their files must be a day old). Each removal is
+    logged. Problems are logged and skipped: a save never fails because of this.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        legacy = bool(_LEGACY_PARTIAL_NAME.match(entry.name))
+        if not (legacy or _PARTIAL_NAME.match(entry.name)):
+            continue
+        try:
+            stat = entry.stat(follow_symlinks=False)
+            old_enough = now - stat.st_mtime >= (LEGACY_PARTIAL_MIN_AGE_S if legacy else PARTIAL_MIN_AGE_S)
+            if entry.is_file(follow_symlinks=False) and old_enough and _remove_if_unlocked(Path(entry.path), stat):
+                removed.append(Path(entry.path))
+                logger.info(
+                    "removed '%s' (%.1f MB), left behind by a save that was interrupted",
+                    entry.path,
+                    stat.st_size / 1e6,
+                )
+        except OSError as error:
+            logger.warning("could not remove the stale partial file '%s': %s", entry.path, error)
+    return removed
+
+
+def _remove_if_unlocked(path: Path, stat: os.stat_result) -> bool:
+    """Unlink ``path`` while holding its lock, if no writer holds it and it is still the file that was listed."""
+    if fcntl is None:  # Windows: a file a live writer has open cannot be deleted, so unlink fails for it
+        path.unlink()
+        return True
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live save is writing it
+        current = os.fstat(descriptor)
+        if (current.st_ino, current.st_dev) != (stat.st_ino, stat.st_dev):
+            return False
+        path.unlink()
+        return True
+    finally:
+        os.close(descriptor)
 
 
 def _header_for(specs, metadata) -> tuple[bytes, int]:
