@@ -160,8 +160,8 @@ def run(options: argparse.Namespace, server: ComfyServer) -> int:
 
 def serve(server: ComfyServer) -> None:
     print(f"\nComfyUI is running with the pack loaded: open {server.url} in a browser.")
-    print("Load an example from the Workflow menu → Browse Templates → diffusion-merge (swap the checkpoint")
-    print('loaders for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
+    print("Load an example from the side bar's Templates button → diffusion-merge (swap the checkpoint loaders")
+    print('for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
     try:
         server.process.wait()
     except KeyboardInterrupt:

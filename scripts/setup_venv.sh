@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment: ComfyUI's requirements pinned to the versions CI
-# uses, torch from the machine's local wheel store, plus pytest and ruff. Sourced by test.sh and demo.sh;
-# exports COMFYUI_PATH and VENV.
+# uses, torch (pip takes it from local wheels when PIP_FIND_LINKS points at them, else the CUDA build from
+# PyPI, several GB), plus pytest, ruff and Playwright. Sourced by test.sh and demo.sh; exports COMFYUI_PATH
+# and VENV.
 set -euo pipefail
 
 PACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
