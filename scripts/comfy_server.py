@@ -89,6 +89,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pack_folder = PACK_ROOT.name if pack_installed else PACK_FOLDER_NAME
         self.output_dir = self.work / "output"
+        self.temp_dir = self.work / "temp" / "temp"  # ComfyUI uses <--temp-directory>/temp and empties it at start
         self.log_path = self.work / "comfyui.log"
         self.env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
