@@ -21,6 +21,7 @@ from typing import Any
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "diffusion-merge"
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras")  # under <work>/models, searched after ComfyUI's own
 
 
 class ServerError(RuntimeError):
@@ -70,7 +71,8 @@ class ComfyServer:
 
     The pack is added through ``--extra-model-paths-config`` (a ``custom_nodes`` folder holding a
     ``diffusion-merge`` symlink to the pack root) unless ComfyUI already loads it from its own
-    ``custom_nodes``. Use as a context manager, or call ``start()``, ``wait_ready()`` and ``stop()``.
+    ``custom_nodes``; the same file adds ``work/models/{checkpoints,diffusion_models,loras}`` as model
+    folders (``models_dir``). Use as a context manager, or call ``start()``, ``wait_ready()`` and ``stop()``.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pack_folder = PACK_ROOT.name if pack_installed else PACK_FOLDER_NAME
         self.output_dir = self.work / "output"
+        self.models_dir = self.work / "models"
         self.temp_dir = self.work / "temp" / "temp"  # ComfyUI uses <--temp-directory>/temp and empties it at start
         self.log_path = self.work / "comfyui.log"
         self.env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
@@ -100,27 +103,30 @@ class ComfyServer:
         """The ``main.py`` command line (folders must exist; see ``prepare``)."""
         cmd = [self.python, str(self.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes"]
-        if not self.pack_installed:
-            cmd += ["--extra-model-paths-config", str(self.work / "extra_model_paths.yaml")]
+        cmd += ["--extra-model-paths-config", str(self.work / "extra_model_paths.yaml")]
         for name in ("user", "input", "output", "temp"):
             cmd += [f"--{name}-directory", str(self.work / name)]
         return [*cmd, "--database-url", "sqlite:///:memory:"]
 
     def prepare(self) -> None:
-        """Create the work folders and, when needed, the custom_nodes folder and its paths file."""
+        """Create the work folders, model folders under ``work/models`` and, unless ComfyUI loads the pack by
+        itself, a custom_nodes folder linking to it; all named in the extra model paths file."""
         for name in ("user", "input", "output", "temp"):
             (self.work / name).mkdir(parents=True, exist_ok=True)
-        if self.pack_installed:
-            return
-        nodes_dir = self.work / "custom_nodes"
-        nodes_dir.mkdir(exist_ok=True)
-        link = nodes_dir / PACK_FOLDER_NAME
-        if link.is_symlink() and link.resolve() != PACK_ROOT:
-            link.unlink()
-        if not link.exists():
-            link.symlink_to(PACK_ROOT, target_is_directory=True)
-        config = f"diffusion_merge:\n  custom_nodes: {json.dumps(str(nodes_dir))}\n"
-        (self.work / "extra_model_paths.yaml").write_text(config)
+        lines = ["diffusion_merge:", f"  base_path: {json.dumps(str(self.work))}"]
+        for name in MODEL_FOLDERS:
+            (self.models_dir / name).mkdir(parents=True, exist_ok=True)
+            lines.append(f"  {name}: models/{name}")
+        if not self.pack_installed:
+            nodes_dir = self.work / "custom_nodes"
+            nodes_dir.mkdir(exist_ok=True)
+            link = nodes_dir / PACK_FOLDER_NAME
+            if link.is_symlink() and link.resolve() != PACK_ROOT:
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(PACK_ROOT, target_is_directory=True)
+            lines.append(f"  custom_nodes: {json.dumps(str(nodes_dir))}")
+        (self.work / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
 
     def start(self) -> ComfyServer:
         self.prepare()
