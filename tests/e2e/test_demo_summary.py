@@ -30,9 +30,12 @@ def load_run_examples():
 
 def test_summary_keys_messages_by_node_id_and_lists_every_output(server, tmp_path):
     module = load_run_examples()
-    options = argparse.Namespace(
-        out=tmp_path, workflows=[PACK_ROOT / "example_workflows" / "deme_train.json"], timeout=300.0
-    )
+    # Its own save names, so that the savers run even when another test ran this workflow on the server before
+    # (ComfyUI would serve every node from its cache and write nothing).
+    workflow = tmp_path / "deme_train.json"
+    text = (PACK_ROOT / "example_workflows" / "deme_train.json").read_text(encoding="utf-8")
+    workflow.write_text(text.replace('"loras/deme_expert', '"summary_test/deme_expert'), encoding="utf-8")
+    options = argparse.Namespace(out=tmp_path, workflows=[workflow], timeout=300.0)
     assert module.run(options, server) == 0
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     (result,) = summary["workflows"]
