@@ -259,6 +259,13 @@ class _StubServer:
         pass
 
 
+def new_prompt_executor():
+    """A ComfyUI PromptExecutor with a stub server and the classic cache (reuse one to keep its cache)."""
+    import execution
+
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+
+
 @pytest.fixture
 def run_prompt(comfyui):
     """Run an API-format prompt in process; returns ``history_result["outputs"]`` (raises on failure)."""
@@ -272,7 +279,7 @@ def run_prompt(comfyui):
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"invalid prompt: {valid[1]} {valid[3]}")
-        executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+        executor = new_prompt_executor()
         executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
         if not executor.success:
             errors = [data for event, data in executor.server.events if event == "execution_error"]

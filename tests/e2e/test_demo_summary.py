@@ -28,13 +28,26 @@ def load_run_examples():
     return module
 
 
-def test_summary_keys_messages_by_node_id_and_lists_every_output(server, tmp_path):
+def fresh_copy(workflows, object_info: dict, folder: Path) -> Path:
+    """deme_train with its own trainer seed and save names: another test may have run the example on this server
+    before, and ComfyUI would then serve every node from its cache, writing and showing nothing new."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "deme_train.json").read_text(encoding="utf-8"))
+    layout = workflows.widget_layout(object_info["DM_TrainRangeExpertLoRA"])
+    names = [name for name, _ in layout]
+    seed_at = sum(1 + extra for _, extra in layout[: names.index("seed")])
+    for node in workflow["nodes"]:
+        if node["type"] == "DM_TrainRangeExpertLoRA":
+            node["widgets_values"][seed_at] = 20241
+        elif node["type"] == "DM_SaveRangeExpertLoRA":
+            node["widgets_values"][0] = node["widgets_values"][0].replace("loras/", "summary_test/")
+    path = folder / "deme_train.json"
+    path.write_text(json.dumps(workflow), encoding="utf-8")
+    return path
+
+
+def test_summary_keys_messages_by_node_id_and_lists_every_output(server, object_info, workflows, tmp_path):
     module = load_run_examples()
-    # Its own save names, so that the savers run even when another test ran this workflow on the server before
-    # (ComfyUI would serve every node from its cache and write nothing).
-    workflow = tmp_path / "deme_train.json"
-    text = (PACK_ROOT / "example_workflows" / "deme_train.json").read_text(encoding="utf-8")
-    workflow.write_text(text.replace('"loras/deme_expert', '"summary_test/deme_expert'), encoding="utf-8")
+    workflow = fresh_copy(workflows, object_info, tmp_path)
     options = argparse.Namespace(out=tmp_path, workflows=[workflow], timeout=300.0)
     assert module.run(options, server) == 0
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))

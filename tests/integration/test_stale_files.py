@@ -14,7 +14,7 @@ from diffusion_merge.merging import load_task_vector, task_vector_from_files
 from diffusion_merge.merging.io import StaleFileError
 from diffusion_merge.nodes import task_vectors as tv_nodes
 
-from ..conftest import _StubServer
+from ..conftest import new_prompt_executor
 
 
 def unet_state(demo, variant: str) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ class Session:
         import execution
 
         self.execution = execution
-        self.executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC)
+        self.executor = new_prompt_executor()
 
     def run(self, prompt: dict) -> dict:
         prompt_id = str(uuid.uuid4())
