@@ -106,21 +106,6 @@ def test_example_workflow_opens_round_trips_and_queues(path, editor, server, wor
     assert not our_errors(editor, server), our_errors(editor, server)
 
 
-# -- where the README says the examples are -----------------------------------------------------------
-
-
-def test_the_examples_open_from_the_side_bar_templates_button(editor, server):
-    """README: "the **Templates** button of the left side bar, in the category named after the pack's folder"."""
-    page = editor.page
-    page.get_by_role("button", name="Templates", exact=True).first.click()
-    page.get_by_text(server.pack_folder, exact=True).first.click(timeout=15_000)
-    page.wait_for_function(
-        "() => document.querySelector('[role=dialog]')?.innerText.includes('merge_ties')", timeout=15_000
-    )
-    page.keyboard.press("Escape")
-    editor.settle()
-
-
 # -- the demo loader's seed ------------------------------------------------------------------------------
 
 
