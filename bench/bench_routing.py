@@ -20,8 +20,8 @@ configuration's time is its best round (the median is recorded too):
 
 It also records how close the routed model is to the recipe (euler: the same maths) and how far a
 multistep solver (dpmpp_2m) moves when the recipe restarts it at the boundary. Results go to
-``bench/results/routing.json``; a markdown table is printed. The GPU half of issue 5's benchmark (an
-SD1.5/SDXL-size UNet, peak VRAM per memory mode) has not been run yet.
+``bench/results/routing.json``; a markdown table is printed. The GPU figures (an SD1.5-size UNet, peak VRAM per
+memory mode) come from ``bench/gpu_runtime.py``.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def main() -> None:
             "configurations": summarize(times, options.steps),
             "router_cost": router_cost(setup),
             "consistency": consistency(setup),
-            "gpu": "pending: not run (no GPU in this task); an SD1.5/SDXL-size UNet and peak VRAM per memory mode",
+            "gpu": "see bench/gpu_runtime.py (SD1.5 size, peak VRAM per memory mode)",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from . import device as devices
 from .io import shape_of
 from .keys import check_shared_keys, normalised
 from .task_vectors import TaskVector, same_architecture
@@ -191,6 +192,43 @@ def plan_chunks(shapes: Mapping[str, tuple[int, ...]], keys: Sequence[str], limi
     return chunks
 
 
+class ChunkTables:
+    """A plan's chunks described on the device, for kernels that work on a whole chunk at once.
+
+    Built once per merge, with one small host-to-device copy per table (a copy per chunk would make the host
+    wait for the device on CUDA). Segment s of the plan is the s-th key of the plan's chunks in order; chunk i
+    owns segments ``segments(i)``.
+    """
+
+    def __init__(self, chunks: Sequence[Chunk], device: torch.device):
+        self.chunks, self.device = list(chunks), device
+        self.index = {chunk: i for i, chunk in enumerate(self.chunks)}
+        self.bounds = [0]
+        for chunk in self.chunks:
+            self.bounds.append(self.bounds[-1] + len(chunk.segments))
+        self.numels = devices.to_device([s.numel for c in self.chunks for s in c.segments], torch.int64, device)
+        self.starts = devices.to_device([s.offset for c in self.chunks for s in c.segments], torch.int64, device)
+        self._tables: dict[Hashable, torch.Tensor] = {}
+
+    def segments(self, chunk: Chunk) -> slice:
+        i = self.index[chunk]
+        return slice(self.bounds[i], self.bounds[i + 1])
+
+    def table(self, name: Hashable, build: Callable[[], list], dtype: torch.dtype) -> torch.Tensor:
+        """A (…, segments) table of the plan: ``build()`` (nested host lists) on the device, made once."""
+        if name not in self._tables:
+            self._tables[name] = devices.to_device(build(), dtype, self.device)
+        return self._tables[name]
+
+    def segment_ids(self, chunk: Chunk, scratch: Scratch) -> torch.Tensor:
+        """(entries,) int32: each entry's segment within ``chunk`` (0 … keys − 1)."""
+        span = self.segments(chunk)
+        ids = torch.arange(span.stop - span.start, dtype=torch.int32, device=self.device)
+        if len(ids) == 1:
+            return scratch.get("segment_ids", (chunk.numel,), torch.int32).zero_()
+        return torch.repeat_interleave(ids, self.numels[span], output_size=chunk.numel)
+
+
 class Scratch:
     """Reusable work buffers, one per name and dtype, grown to the largest request.
 
@@ -214,40 +252,88 @@ class Scratch:
 def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (N, chunk entries) with each task's fp32 deltas for the chunk's keys; absent keys are 0.
 
-    On CUDA a task's keys are concatenated in one kernel (launches dominate there); on the CPU each key is
-    copied into place, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes.
-    Raises ValueError naming the task and key when a delta holds NaN/Inf.
+    Nothing is checked here: see :class:`FiniteCheck`.
     """
     for row, source in zip(out, sources, strict=True):
-        if device.type == "cpu" and hasattr(source, "fetch_into"):
-            for segment in chunk.segments:
-                if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
-                    row[segment.span].zero_()
-            continue
-        parts = [source.fetch(segment.key, device) for segment in chunk.segments]
-        if device.type != "cpu" and all(part is not None and part.dtype == parts[0].dtype for part in parts):
-            flat = [part.reshape(-1) for part in parts]
-            if parts[0].dtype == torch.float32:
-                torch.cat(flat, out=row)
-            else:
-                row.copy_(torch.cat(flat))
-            continue
-        for segment, part in zip(chunk.segments, parts, strict=True):
-            if part is None:
-                row[segment.span].zero_()
-            else:
-                row[segment.span].copy_(part.reshape(-1))
-    if not bool(torch.isfinite(out.sum())):
-        _raise_on_nonfinite(out, chunk)
+        part = gather_row(source, chunk, device, row)
+        if part is not row:
+            row.copy_(part)
     return out
 
 
-def _raise_on_nonfinite(stack: torch.Tensor, chunk: Chunk) -> None:
-    """Name the first task and key with NaN/Inf (a non-finite sum can also be a harmless overflow)."""
-    for index, row in enumerate(stack, start=1):
+def gather_row(source: DeltaSource, chunk: Chunk, device: torch.device, row: torch.Tensor) -> torch.Tensor:
+    """One task's deltas for the chunk's keys, flat: in ``row`` (fp32), or a tensor in the source's own dtype.
+
+    On accelerators a task's keys are concatenated in one kernel (launches dominate there) and returned as
+    they are stored (fp16 stays fp16: the caller converts while it computes). On the CPU each key is copied
+    into ``row``, which converts fp16/bf16 without the temporary a mixed-dtype ``cat`` makes.
+    """
+    batched = devices.batched_kernels(device)
+    if not batched and hasattr(source, "fetch_into"):
         for segment in chunk.segments:
-            if not bool(torch.isfinite(row[segment.span]).all()):
-                raise ValueError(
-                    f"task vector {index}: key '{segment.key}' has NaN/Inf values in its delta — "
-                    "fix the source model, or extract the task vector with non-finite keys skipped"
-                )
+            if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
+                row[segment.span].zero_()
+        return row
+    parts = [source.fetch(segment.key, device) for segment in chunk.segments]
+    if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+        flat = [part.reshape(-1) for part in parts]
+        if parts[0].dtype == torch.float32:
+            return torch.cat(flat, out=row)
+        return torch.cat(flat)
+    for segment, part in zip(chunk.segments, parts, strict=True):
+        if part is None:
+            row[segment.span].zero_()
+        else:
+            row[segment.span].copy_(part.reshape(-1))
+    return row
+
+
+class FiniteCheck:
+    """Refuses NaN/Inf deltas, naming the task and key, without stalling an accelerator on every chunk.
+
+    ``record(stack, chunk)`` queues the test of a gathered chunk (a finite sum proves every entry finite; on
+    CUDA the verdict is copied to pinned host memory asynchronously); ``confirm(chunk)`` waits for that
+    chunk's verdict only — the merge confirms chunk i after queueing chunk i+1, so the device never runs
+    dry — and raises ValueError when it failed, after gathering the chunk again to find the culprit (the
+    stack has been reused by then). The test costs one host read per chunk, none per key.
+    """
+
+    def __init__(self, sources: Sequence[DeltaSource], device: torch.device):
+        self.sources, self.device = sources, device
+        self._pending: dict[Chunk, object] = {}
+
+    def record(self, stack: torch.Tensor, chunk: Chunk) -> None:
+        """Queue the test of ``stack``: the gathered chunk, or anything every delta of it flows into
+        (NaN/Inf survive multiplication and sums; a finite result proves finite inputs)."""
+        finite = torch.isfinite(stack.sum())
+        if self.device.type != "cuda":
+            self._pending[chunk] = bool(finite)
+            return
+        verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
+        verdict.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending[chunk] = (verdict, event)
+
+    def confirm(self, chunk: Chunk) -> None:
+        pending = self._pending.pop(chunk)
+        if isinstance(pending, tuple):
+            verdict, event = pending
+            event.synchronize()
+            pending = bool(verdict)
+        if not pending:
+            self.raise_for(chunk)
+
+    def raise_for(self, chunk: Chunk) -> None:
+        """Gather ``chunk`` again and raise for its first non-finite task and key (a non-finite *sum* can
+        also be an overflow of finite values, which passes)."""
+        stack = gather(
+            self.sources, chunk, self.device, torch.empty(len(self.sources), chunk.numel, device=self.device)
+        )
+        for index, row in enumerate(stack, start=1):
+            for segment in chunk.segments:
+                if not bool(torch.isfinite(row[segment.span]).all()):
+                    raise ValueError(
+                        f"task vector {index}: key '{segment.key}' has NaN/Inf values in its delta — "
+                        "fix the source model, or extract the task vector with non-finite keys skipped"
+                    )

@@ -13,6 +13,11 @@ elect signs and combine (:mod:`merging.consensus`) → multiply by λ and the pe
 magnitude trims (TIES' whole-model top-k, LaS masks, DRM's optional non-linear trim) first stream the
 model once or twice to find each task's exact threshold (:mod:`merging.topk`); nothing is ever
 concatenated beyond one chunk. Which stages a method uses is data, in :mod:`merging.methods`.
+
+On accelerators the host never waits for the device inside a merge except where a decision must reach
+Python (once per merge for a global trim, once per weight for DRM's ``eigh``): every chunk is queued, and its
+NaN/Inf verdict is read one chunk later (:class:`merging.chunks.FiniteCheck`). ``tests/unit/test_merge_syncs.py``
+counts host reads and kernel launches per merge on the CPU so that per-key ones cannot come back.
 """
 
 from __future__ import annotations
@@ -27,12 +32,24 @@ from typing import Any
 import torch
 
 from . import consensus, drm, sparsify
-from .chunks import CHUNK_NUMEL, Chunk, Scratch, as_sources, gather, plan_chunks, union_shapes
+from . import device as devices
+from .chunks import (
+    CHUNK_NUMEL,
+    Chunk,
+    ChunkTables,
+    FiniteCheck,
+    Scratch,
+    as_sources,
+    gather,
+    gather_row,
+    plan_chunks,
+    union_shapes,
+)
 from .device import best_device
 from .key_weights import key_multiplier
 from .methods import MergeConfig, resolve_merge
 from .task_vectors import StoredDeltas, TaskVector
-from .topk import kth_largest_magnitude
+from .topk import NonFiniteMagnitudes, kth_largest_magnitude
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +117,8 @@ class _MergeRun:
         self.progress, self.should_stop = progress, should_stop
         self.chunk_numel = chunk_numel
         self.scratch = Scratch(device)
+        self.finite = FiniteCheck(sources, device)
+        self.tables: ChunkTables | None = None
         self.weights = None if config.uniform_weights else torch.tensor(config.weights, device=device)
         self.linear = {
             key: config.method.basis == "svd" and drm.is_linear(key, shape, config.params["conv"])
@@ -115,17 +134,28 @@ class _MergeRun:
     def merged(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
         thresholds = self._global_thresholds() if self.global_trim else None
-        for chunk in plan_chunks(self.shapes, list(self.shapes), self.chunk_numel):
-            stack = self._gather(chunk)
-            out = self.scratch.get("out", (chunk.numel,))  # yielded views: valid until the next chunk
-            if self.config.method.basis == "svd":
-                self._merge_per_key(stack, out, chunk, thresholds)
+        chunks = plan_chunks(self.shapes, list(self.shapes), self.chunk_numel)
+        self.tables = ChunkTables(chunks, self.device) if self._needs_tables() else None
+        # On a device that runs ahead, chunk i is yielded (after its NaN/Inf verdict) once chunk i+1 is queued,
+        # so the host never waits for a chunk the device has just started; each needs its own output buffer.
+        lag = 1 if devices.runs_ahead(self.device) else 0
+        pending: list[tuple[Chunk, torch.Tensor]] = []
+        for index, chunk in enumerate(chunks):
+            out = self.scratch.get(
+                f"out{index % (lag + 1)}", (chunk.numel,)
+            )  # yielded views: valid until the next chunk
+            if self._sums_rows():
+                self._weighted_sum_of_rows(chunk, out)
+            elif self.config.method.basis == "svd":
+                self._merge_per_key(self._gather(chunk, check=True), out, chunk, thresholds)
             else:
-                self._merge_raw(stack, out, chunk, thresholds)
+                self._merge_raw(self._gather(chunk, check=True), out, chunk, thresholds)
             self._scale(out, chunk)
-            self._advance(len(chunk.segments))
-            for segment in chunk.segments:
-                yield segment.key, out[segment.span].view(segment.shape)
+            pending.append((chunk, out))
+            if len(pending) > lag:
+                yield from self._release(*pending.pop(0))
+        while pending:
+            yield from self._release(*pending.pop(0))
         logger.info(
             "%s merge of %d task vectors, %d keys: %.2f s on %s",
             self.config.method.name,
@@ -134,6 +164,12 @@ class _MergeRun:
             time.perf_counter() - started,
             self.device,
         )
+
+    def _release(self, chunk: Chunk, out: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        self.finite.confirm(chunk)
+        self._advance(len(chunk.segments))
+        for segment in chunk.segments:
+            yield segment.key, out[segment.span].view(segment.shape)
 
     def _global_thresholds(self) -> torch.Tensor:
         """Each task's exact threshold over all raw keys (TIES / LaS / DRM non-linear trims)."""
@@ -148,10 +184,15 @@ class _MergeRun:
             # pass, which walks them forwards, starts on what this pass left in the page cache: inputs larger
             # than RAM are otherwise read from disk in full by every pass.
             for chunk in reversed(chunks) if next(passes) == 0 else chunks:
-                yield self._gather(chunk)
+                yield self._gather(chunk, check=False)  # NaN/inf land in the histogram's top bins
                 self._advance(len(chunk.segments))
 
-        thresholds = kth_largest_magnitude(stacks, [rank] * len(self.sources), self.device)
+        try:
+            thresholds = kth_largest_magnitude(stacks, [rank] * len(self.sources), self.device)
+        except NonFiniteMagnitudes:
+            for chunk in chunks:
+                self.finite.raise_for(chunk)
+            raise
         self.done = 2 * len(self.raw_keys)
         self._report()
         return thresholds
@@ -173,15 +214,36 @@ class _MergeRun:
             consensus.scale_rows_(stack, weights)
             consensus.disjoint_mean(stack, config.sign, out, self.scratch)
 
+    def _weighted_sum_of_rows(self, chunk: Chunk, out: torch.Tensor) -> None:
+        """Σ wᵢτᵢ straight from each task's concatenated keys, in their stored dtype (accelerators).
+
+        Skips the fp32 stack: one pass per task (out += wᵢ·rowᵢ, converted inside the add) instead of a
+        conversion, a scaling and a reduction over the stack. The NaN/Inf test reads the result, into which
+        every delta flows.
+        """
+        if self.should_stop is not None and self.should_stop():
+            raise MergeCancelled(f"{self.config.method.name} merge cancelled")
+        out.zero_()
+        stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
+        for task, (source, row) in enumerate(zip(self.sources, stack, strict=True)):
+            part = gather_row(source, chunk, self.device, row)
+            out.add_(part, alpha=self.config.weights[task])
+        self.finite.record(out, chunk)
+
+    def _sums_rows(self) -> bool:
+        method = self.config.method
+        return method.sparsify == "none" and self.config.combine == "sum" and devices.batched_kernels(self.device)
+
     def _sparsify(self, stack: torch.Tensor, chunk: Chunk, thresholds, mask: torch.Tensor) -> None:
         config = self.config
         if config.method.sparsify == "random":
-            sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch)
+            sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch, self.tables)
         elif config.method.sparsify == "magnitude":
             if thresholds is not None:
                 sparsify.apply_threshold_(stack, thresholds, self._rule.strict, mask)
             elif config.params.get("topk_scope") == "per_tensor":
-                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask)
+                tables = self.tables if devices.batched_kernels(self.device) else None
+                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask, tables, self.scratch)
 
     def _merge_per_key(self, stack: torch.Tensor, out: torch.Tensor, chunk: Chunk, thresholds) -> None:
         """DRM: 2-D weights through the joint SVD basis, every other key through the raw path."""
@@ -201,7 +263,7 @@ class _MergeRun:
                 horizontal=drm.transposes(params["direction"], rows, cols),
                 scratch=self.scratch,
             )
-            merged.copy_(result.view(-1))
+            merged.view(rows, cols).copy_(result)
 
     def _scale(self, out: torch.Tensor, chunk: Chunk) -> None:
         """Multiply by λ (and DARE's rescale) and each key's ``key_weights`` / ``block_weights`` factor."""
@@ -221,6 +283,11 @@ class _MergeRun:
     def _rule(self) -> sparsify.RankRule:
         return sparsify.RANK_RULES[self.config.method.rank_rule]
 
+    def _needs_tables(self) -> bool:
+        """Whether a stage works on whole chunks from device tables (DARE; per-key trims on accelerators)."""
+        per_tensor = self.config.params.get("topk_scope") == "per_tensor"
+        return self.config.method.sparsify == "random" or (per_tensor and devices.batched_kernels(self.device))
+
     def _needs_global_trim(self) -> bool:
         config = self.config
         if config.method.sparsify != "magnitude" or not self.raw_keys:
@@ -230,11 +297,14 @@ class _MergeRun:
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
         return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
 
-    def _gather(self, chunk: Chunk) -> torch.Tensor:
+    def _gather(self, chunk: Chunk, check: bool) -> torch.Tensor:
         if self.should_stop is not None and self.should_stop():
             raise MergeCancelled(f"{self.config.method.name} merge cancelled")
         stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
-        return gather(self.sources, chunk, self.device, stack)
+        gather(self.sources, chunk, self.device, stack)
+        if check:
+            self.finite.record(stack, chunk)
+        return stack
 
     def _advance(self, keys: int) -> None:
         self.done += keys
@@ -279,6 +349,19 @@ def merge_to_task_vector(
     deltas = {key: delta.to(device=storage_device, dtype=storage_dtype, copy=True) for key, delta in merged}
     fingerprints = {tv.base_fingerprint for tv in task_vectors} - {None}
     leaf = MergedDeltas(deltas, config.recipe(), [tv.recipe for tv in task_vectors])
+    leaf.origin = merge_origin(config.recipe(), task_vectors, storage_dtype)
     sources = tuple(dict.fromkeys(source for tv in task_vectors for source in tv.sources))
     fingerprint = fingerprints.pop() if len(fingerprints) == 1 else None
     return TaskVector(((1.0, leaf),), base_fingerprint=fingerprint, sources=sources)
+
+
+def merge_origin(recipe: dict[str, Any], task_vectors: Sequence[TaskVector], storage_dtype: torch.dtype) -> dict:
+    """The recipe origin of a merge (see :mod:`merging.recipes`): method, every resolved parameter, inputs."""
+    params = {name: value for name, value in recipe.items() if name != "method"}
+    return {
+        "op": "merge",
+        "method": recipe["method"],
+        "params": params,
+        "storage_dtype": str(storage_dtype).removeprefix("torch."),
+        "inputs": list(task_vectors),
+    }

@@ -215,6 +215,33 @@ def assign_steps(sigmas: Sequence[float] | torch.Tensor, ends_sigma: Sequence[fl
     return [expert_index(sigma, ends_sigma) for sigma in evaluated_sigmas(sigmas)]
 
 
+def call_windows(
+    ends_sigma: Sequence[float], sigmas: Sequence[float] | torch.Tensor
+) -> tuple[list[int | None], list[int | None]]:
+    """The expert of a sampler's network calls known from its progress alone, without reading σ from the device.
+
+    A sampler that reports each step (ComfyUI's sampler callback, step i, after that step's first call) makes
+    every later call, until it reports step i + 1, at a σ between σ_{i+2} and σ_i of its schedule: Euler,
+    ancestral and multistep samplers at σ_{i+1}, Heun's second evaluation at σ_{i+1}, midpoint samplers
+    between σ_{i+1} and σ_i. For each count c = 0 … steps of reported steps this returns
+
+    - ``window[c]``: the expert serving that whole window, or None when a boundary falls inside it;
+    - ``point[c]``: the expert of σ_c, where the next call of a single-evaluation sampler lands.
+
+    A final σ of 0 is never evaluated, so windows stop at the last σ before it. A sampler that breaks the
+    pattern (restarts, adaptive steps) is caught by checking the calls' real σ afterwards.
+    """
+    values = torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
+    last = len(values) - 2 if len(values) > 1 and values[-1] == 0 else len(values) - 1
+    experts = [expert_index(sigma, ends_sigma) for sigma in values]
+    window, point = [], []
+    for count in range(len(values)):
+        high, low = experts[min(max(count - 1, 0), last)], experts[min(count + 1, last)]
+        window.append(high if high == low and high is not None else None)
+        point.append(experts[min(count, last)])
+    return window, point
+
+
 def coverage_problem(
     ends_sigma: Sequence[float],
     sigmas: Sequence[float] | torch.Tensor,

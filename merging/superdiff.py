@@ -42,6 +42,11 @@ start at their first σ below it instead (:func:`start_schedule`, :func:`restart
 Numerics: per-sample log-densities are sums over 10⁴–10⁵ latent dimensions, so all per-sample scalars (inner
 products, κ, the accumulated log-densities) are kept in float64 where the device has it (float32 elsewhere),
 softmax subtracts the maximum, and the per-sample systems are solved batched.
+
+Speed: a step never reads a value back from the device (no ``.item()``, no host-side branch on a tensor), so the
+host keeps queueing the next network call while the GPU works: the step's inner products are one batched float64
+matrix product, AND's count of singular systems stays a device tensor, and the noise drawn on the CPU reaches
+the device through pinned memory without waiting.
 """
 
 from __future__ import annotations
@@ -182,12 +187,15 @@ def step_coefficients(kind: str, sigma: float, sigma_next: float, noise: bool = 
 def score_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: float, kind: str) -> torch.Tensor:
     """∇log q_σ(x) = (α·D(x, σ) − x)/σ² (Tweedie) in float32; ``denoised`` may carry a leading component axis."""
     a = alpha(kind, sigma)
-    return (a * denoised.float() - x.float()) / (sigma * sigma)
+    scaled = denoised.float() if a == 1.0 else a * denoised.float()  # 1·D is D exactly: one launch fewer
+    return (scaled - x.float()) / (sigma * sigma)
 
 
 def denoised_from_score(x: torch.Tensor, score: torch.Tensor, sigma: float, kind: str) -> torch.Tensor:
     """The inverse of :func:`score_from_denoised` (for previews of the mixture)."""
-    return (x.float() + sigma * sigma * score) / alpha(kind, sigma)
+    a = alpha(kind, sigma)
+    denoised = x.float() + sigma * sigma * score
+    return denoised if a == 1.0 else denoised / a
 
 
 def reverse_sde_step(
@@ -195,8 +203,11 @@ def reverse_sde_step(
 ) -> torch.Tensor:
     """Euler–Maruyama step of the reverse SDE (Prop. 1, ξ = g²/2): x + Δ(−a x + g² ŝ_mix) + √(g²Δ) z."""
     c = coefficients
-    drift = -c.log_alpha_rate * x.float() + c.g2 * mixed_score
-    return (x.float() + c.delta * drift + c.noise_std * noise.float()).to(x.dtype)
+    drift = c.g2 * mixed_score
+    if c.log_alpha_rate:  # VE has a = 0: no drift term in x
+        drift = -c.log_alpha_rate * x.float() + drift
+    moved = torch.add(x.float(), drift, alpha=c.delta)
+    return moved.add_(noise.float(), alpha=c.noise_std).to(x.dtype)
 
 
 # -- per-sample scalars and κ -----------------------------------------------------------------------
@@ -215,32 +226,54 @@ class DensitySystem:
     offset: torch.Tensor
 
     def increments(self, kappa: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bij,bj->bi", self.matrix, kappa.to(self.matrix.dtype)) + self.offset
+        kappa = kappa.to(self.matrix.dtype).unsqueeze(-1)
+        return torch.baddbmm(self.offset.unsqueeze(-1), self.matrix, kappa).squeeze(-1)
 
 
 def density_system(
     scores: torch.Tensor, guided_scores: torch.Tensor, noise: torch.Tensor, coefficients: StepCoefficients
 ) -> DensitySystem:
-    """The affine map κ → Δlog q of one step (module docstring). ``scores``/``guided_scores``: (N, B, …)."""
+    """The affine map κ → Δlog q of one step (module docstring). ``scores``/``guided_scores``: (N, B, …).
+
+    Every inner product the step needs (⟨s_i, ŝ_j⟩, ⟨s_i, z⟩, ⟨s_i, s_i⟩) comes from ONE batched float64 product
+    of the unguided scores with [ŝ; z; s]: a handful of kernel launches whatever N is.
+    """
     count, batch = scores.shape[:2]
     dtype = scalar_dtype(scores.device)
-    s = scores.reshape(count, batch, -1).to(dtype)
-    guided = guided_scores.reshape(count, batch, -1).to(dtype)
-    z = noise.reshape(batch, -1).to(device=scores.device, dtype=dtype)
-    dims = s.shape[-1]
+    z = noise.reshape(1, batch, -1).to(device=scores.device, dtype=scores.dtype)
+    stacked = torch.cat([guided_scores.reshape(count, batch, -1), z, scores.reshape(count, batch, -1)])
+    stacked = stacked.to(dtype).transpose(0, 1)  # (B, 2N + 1, D)
+    products = torch.bmm(stacked[:, count + 1 :], stacked.transpose(1, 2))  # (B, N, 2N + 1): rows s_i
+    cross, noise_term = products[:, :, :count], products[:, :, count]
+    norms = products[:, :, count + 1 :].diagonal(dim1=1, dim2=2)
+    dims = stacked.shape[-1]
     c = coefficients
-    cross = torch.einsum("ibd,jbd->bij", s, guided)
-    noise_term = torch.einsum("bd,ibd->bi", z, s)
-    norms = torch.einsum("ibd,ibd->bi", s, s)
     matrix = (c.g2 * c.delta) * cross
-    offset = c.noise_std * noise_term + c.delta * (dims * c.log_alpha_rate - 0.5 * c.g2 * norms)
+    offset = torch.add(c.noise_std * noise_term, norms, alpha=-0.5 * c.g2 * c.delta)
+    if c.log_alpha_rate:  # VE has a = 0
+        offset = offset + c.delta * dims * c.log_alpha_rate
     return DensitySystem(matrix, offset)
 
 
-def or_kappa(log_density: torch.Tensor, temperature: float, bias: Sequence[float]) -> torch.Tensor:
-    """κ = softmax(T·log q + bias) per sample (Algorithm 1), max-subtracted; ``log_density`` (B, N)."""
-    bias_t = torch.as_tensor(bias, dtype=log_density.dtype, device=log_density.device)
-    return torch.softmax(temperature * log_density + bias_t, dim=-1)
+def or_kappa(
+    log_density: torch.Tensor, temperature: float, bias: Sequence[float] | torch.Tensor | None
+) -> torch.Tensor:
+    """κ = softmax(T·log q + bias) per sample (Algorithm 1), max-subtracted; ``log_density`` (B, N).
+
+    ``bias``: numbers, or a tensor already on the device (as :func:`bias_tensor` makes once per run).
+    """
+    logits = log_density if temperature == 1.0 else temperature * log_density
+    if isinstance(bias, torch.Tensor) or (bias is not None and any(bias)):
+        logits = logits + torch.as_tensor(bias, dtype=log_density.dtype, device=log_density.device)
+    return torch.softmax(logits, dim=-1)
+
+
+def bias_tensor(values: Sequence[float], like: torch.Tensor) -> torch.Tensor | None:
+    """``values`` (bias or AND offsets) as a tensor on ``like``'s device and dtype, made once per run instead of
+    at every step; None when there are none."""
+    if not values or not any(values):
+        return None
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
 
 
 def and_system(
@@ -252,11 +285,8 @@ def and_system(
     offset o_i); the last row says Σκ = 1. ``epsilon`` > 0 adds ε·mean|A_ii| to A's diagonal (the optional guard:
     with nearly equal predictions it pulls κ toward equal weights). Returns (matrix (B, N+1, N+1), rhs (B, N+1)).
     """
-    matrix, offset = system.matrix, system.offset
+    matrix, offset = _guarded_matrix(system.matrix, epsilon), system.offset
     batch, count = offset.shape
-    if epsilon:
-        scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)
-        matrix = matrix + epsilon * scale[..., None] * torch.eye(count, dtype=matrix.dtype, device=matrix.device)
     full = matrix.new_zeros(batch, count + 1, count + 1)
     full[:, :count, :count] = matrix
     full[:, :count, count] = -1.0
@@ -270,27 +300,48 @@ def and_system(
 
 
 def and_kappa(
-    system: DensitySystem, offsets: Sequence[float] | None = None, epsilon: float = 0.0
-) -> tuple[torch.Tensor, int]:
-    """κ (B, N) solving :func:`and_system`, and how many samples' systems were singular.
+    system: DensitySystem, offsets: Sequence[float] | torch.Tensor | None = None, epsilon: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """κ (B, N) solving :func:`and_system`, and how many samples' systems were singular (a 0-d tensor on the
+    device: reading it waits for the device, so callers sum it over a run and read it once).
 
     The border is eliminated exactly (subtract row N from the others, substitute κ_N = 1 − Σ_{j<N} κ_j), which
     leaves an (N−1)×(N−1) system per sample; for N = 2 it is the authors' closed form. Identical components
     make it exactly singular: those samples get equal weights instead of the reference code's NaN.
     """
-    full, rhs = and_system(system, offsets, epsilon)
-    count = full.shape[-1] - 1
+    a, c = _guarded_matrix(system.matrix, epsilon), system.offset  # Δlog q^i − o_i = Σ_j a_ij κ_j + c_i
+    if offsets is not None:
+        c = c - torch.as_tensor(offsets, dtype=c.dtype, device=c.device)
+    count = c.shape[-1]
     if count == 1:
-        return torch.ones_like(rhs[:, :1]), 0
-    a, c = full[:, :count, :count], -rhs[:, :count]  # Δlog q^i − o_i = Σ_j a_ij κ_j + c_i
+        return torch.ones_like(c), torch.zeros((), dtype=torch.int64, device=c.device)
     last = count - 1
-    reduced = a[:, :last, :last] - a[:, last:, :last] - a[:, :last, last:] + a[:, last:, last:]
-    right = c[:, last:] - c[:, :last] - (a[:, :last, last] - a[:, last:, last])
-    theta, info = torch.linalg.solve_ex(reduced, right)
-    kappa = torch.cat([theta, 1.0 - theta.sum(-1, keepdim=True)], dim=-1)
-    invalid = ((info != 0)[:, None] | ~torch.isfinite(kappa)).any(-1, keepdim=True)
-    kappa = torch.where(invalid, torch.full_like(kappa, 1.0 / count), kappa)
-    return kappa, int(invalid.sum())
+    rows = a[:, :last] - a[:, last:]  # row i − row N
+    reduced = rows[:, :, :last] - rows[:, :, last:]  # then column j − column N
+    right = (c[:, last:] - c[:, :last]) - rows[:, :, last]
+    if last == 1:  # two components: θ = right / reduced, what LU on a 1×1 system computes, in one launch
+        theta = right / reduced[:, 0]
+        singular = None
+    else:
+        theta, info = torch.linalg.solve_ex(reduced, right)  # no device sync without check_errors
+        singular = info[:, None] != 0
+    total = theta.sum(-1, keepdim=True)
+    kappa = torch.cat([theta, 1.0 - total], dim=-1)
+    # Σθ − Σθ is 0 exactly when every θ is finite (NaN otherwise): one test for the whole row
+    invalid = (total - total).ne(0)
+    if singular is not None:
+        invalid = invalid.logical_or_(singular)
+    kappa = torch.where(invalid, 1.0 / count, kappa)
+    return kappa, invalid.sum()
+
+
+def _guarded_matrix(matrix: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """A with ε·mean|A_ii| added to its diagonal (the optional AND guard); A itself when ε = 0."""
+    if not epsilon:
+        return matrix
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True)
+    count = matrix.shape[-1]
+    return matrix + epsilon * scale[..., None] * torch.eye(count, dtype=matrix.dtype, device=matrix.device)
 
 
 def clamp_kappa(kappa: torch.Tensor, limit: float) -> torch.Tensor:
@@ -323,7 +374,7 @@ class StepResult:
     log_density: torch.Tensor  # (B, N) accumulated estimates after the step
     kappa: torch.Tensor  # (B, N) the weights used
     mixed_score: torch.Tensor  # (B, …) Σκ_j ŝ_j (its denoised is the preview)
-    invalid: int  # samples whose AND system was singular (given equal weights)
+    invalid: torch.Tensor | None  # AND: 0-d count of samples whose system was singular (given equal weights)
 
 
 def superdiff_step(
@@ -334,19 +385,20 @@ def superdiff_step(
     log_density: torch.Tensor,
     coefficients: StepCoefficients,
     settings: SuperDiffSettings,
-    bias: Sequence[float],
-    and_offsets: Sequence[float] | None = None,
+    bias: Sequence[float] | torch.Tensor | None,
+    and_offsets: Sequence[float] | torch.Tensor | None = None,
 ) -> StepResult:
     """One SuperDiff step: κ (OR from the log-densities so far; AND from this step's system with ``noise``
     already drawn), the Euler–Maruyama move, and every component's Itô log-density update.
 
     ``scores``: unguided scores s_i (N, B, …); ``guided_scores``: CFG'd ŝ_i (N, B, …); ``noise``: z ~ N(0, I)
     shaped like x; ``log_density``: (B, N) estimates so far; ``and_offsets``: AND's per-step offsets (eq. 18).
+    ``bias`` and ``and_offsets`` may be numbers or tensors on the device (:func:`bias_tensor`, made once per run).
     """
     if noise is None:
         raise ValueError(ODE_REFUSAL)
     system = density_system(scores, guided_scores, noise, coefficients)
-    invalid = 0
+    invalid = None
     if settings.mode == "OR":
         kappa = or_kappa(log_density.to(system.offset.dtype), settings.temperature, bias)
     else:
@@ -354,7 +406,7 @@ def superdiff_step(
     kappa = clamp_kappa(kappa, settings.kappa_clamp)
     mixed = mix(kappa, guided_scores)
     x_next = reverse_sde_step(x, mixed, noise, coefficients)
-    updated = log_density.to(system.offset.dtype) + system.increments(kappa)
+    updated = system.increments(kappa) + log_density.to(system.offset.dtype)
     return StepResult(x_next, updated, kappa, mixed, invalid)
 
 
@@ -369,7 +421,7 @@ def start_schedule(sigmas: torch.Tensor, kind: str, flow_sigma_max: float = DEFA
     the cap instead (see :func:`restart_flow`). VE schedules start where they are.
     """
     check_kind(kind)
-    values = [float(s) for s in sigmas]
+    values = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]  # one read-back
     if len(values) < 2:
         raise ValueError("SuperDiff needs a schedule of at least two σ (one step)")
     if kind == "ve":
@@ -407,8 +459,15 @@ def noise_generator(seed: int | None) -> torch.Generator:
 
 
 def draw_noise(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """z ~ N(0, I) shaped like ``like``, from ``generator`` on the CPU, moved to ``like``'s device."""
-    return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device)
+    """z ~ N(0, I) shaped like ``like``, from ``generator`` on the CPU, moved to ``like``'s device.
+
+    On CUDA the draw goes through pinned memory and is copied without waiting: a plain copy from pageable memory
+    would block the host until the device had finished everything queued (the step's network call).
+    """
+    noise = torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    if like.device.type != "cuda":
+        return noise.to(like.device)
+    return noise.pin_memory().to(like.device, non_blocking=True)
 
 
 # -- traces -------------------------------------------------------------------------------------------

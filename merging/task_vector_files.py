@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .file_identity import FileOrigin
 from .io import RenamedMapping, SafetensorsFile, parse_dtype, write_safetensors
 from .keys import UNET_PREFIX, unet_key_map
 from .task_vectors import StoredDeltas, TaskVector, extract_task_vector
@@ -42,7 +43,19 @@ def task_vector_from_files(
     """finetuned − base streamed from two safetensors files (fp32/fp16/bf16/fp8), one key at a time."""
     finetuned, base = open_diffusion_model(finetuned_path), open_diffusion_model(base_path)
     names = (Path(finetuned_path).name, Path(base_path).name)
-    return extract_task_vector(finetuned, base, key_filter=key_filter, nonfinite=nonfinite, names=names)
+    vector = extract_task_vector(finetuned, base, key_filter=key_filter, nonfinite=nonfinite, names=names)
+    vector.terms[0][1].origin = difference_origin(finetuned_path, base_path, key_filter)
+    return vector
+
+
+def difference_origin(finetuned_path, base_path, key_filter: str | None) -> dict:
+    """The recipe origin of finetuned − base read from two files (see :mod:`merging.recipes`)."""
+    return {
+        "op": "difference",
+        "finetuned": FileOrigin.of(finetuned_path),
+        "base": FileOrigin.of(base_path),
+        "key_filter": key_filter or None,
+    }
 
 
 def saved_key(key: str) -> str:
@@ -64,13 +77,17 @@ def save_task_vector(
     device: torch.device | str | None = None,
     progress=None,
     overflow: str = "error",
+    full_hash: bool = False,
 ) -> Path:
     """Write a task vector key by key, atomically, loadable by ComfyUI's stock LoRA loaders.
 
     ``progress`` (optional) is called with the number of keys written so far after each key. A delta with
     values beyond ``dtype``'s range (e.g. > 65504 in fp16) stops the save naming the key, unless
-    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`).
+    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`). The metadata holds a re-runnable recipe
+    (:mod:`merging.recipes`; ``full_hash`` adds whole-file SHA-256s of its inputs).
     """
+    from .recipes import RECIPE_METADATA_KEY, recipe_of  # recipes imports this module
+
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     keys = vector.keys()
     raw_keys = [k for k in keys if not k.endswith((_WEIGHT, _BIAS))]
@@ -82,6 +99,9 @@ def save_task_vector(
         "dm_recipe": json.dumps(vector.recipe),
         "dm_raw_keys": json.dumps(raw_keys),
         "dm_dtype": str(dtype).removeprefix("torch."),
+        RECIPE_METADATA_KEY: json.dumps(
+            recipe_of(vector, {"kind": "task_vector", "dtype": str(dtype).removeprefix("torch.")}, full_hash=full_hash)
+        ),
         **(metadata or {}),
     }
 
@@ -99,8 +119,10 @@ def load_task_vector(path: str | os.PathLike, nonfinite: str = "error") -> TaskV
     if not names:
         raise ValueError(f"'{Path(path).name}' holds no tensors")
     sources = tuple(json.loads(file.metadata.get("dm_sources", "[]"))) or (Path(path).name,)
+    leaf = StoredDeltas(RenamedMapping(file, names), Path(path).name)
+    leaf.origin = {"op": "stored", "file": FileOrigin.of(path)}
     return TaskVector(
-        ((1.0, StoredDeltas(RenamedMapping(file, names), Path(path).name)),),
+        ((1.0, leaf),),
         base_fingerprint=file.metadata.get("dm_base_fingerprint") or None,
         nonfinite=nonfinite,
         sources=sources,

@@ -30,6 +30,8 @@ class DeltaLeaf(ABC):
     """A source of per-key deltas: knows its keys and shapes without computing anything."""
 
     label: str = "delta"
+    origin: dict | None = None
+    """How to make this leaf again from files (see :mod:`merging.recipes`); None when it cannot be."""
 
     @abstractmethod
     def keys(self) -> Sequence[str]: ...
@@ -315,7 +317,7 @@ class TaskVector:
     def select(self, pattern: str) -> TaskVector:
         """Only the keys whose names match a regular expression."""
         kept = set(select_keys(self.keys(), pattern))
-        return self._with_terms(tuple((c, _Selected(leaf, kept)) for c, leaf in self.terms))
+        return self._with_terms(tuple((c, _Selected(leaf, kept, pattern)) for c, leaf in self.terms))
 
     def _with_terms(self, terms) -> TaskVector:
         return TaskVector(terms, self.base_fingerprint, self.nonfinite, self.sources)
@@ -327,8 +329,8 @@ def same_architecture(first: str | None, second: str | None) -> bool:
 
 
 class _Selected(DeltaLeaf):
-    def __init__(self, leaf: DeltaLeaf, kept: set[str]):
-        self.leaf = leaf
+    def __init__(self, leaf: DeltaLeaf, kept: set[str], pattern: str | None = None):
+        self.leaf, self.pattern = leaf, pattern
         self._keys = [k for k in leaf.keys() if k in kept]
 
     def keys(self) -> Sequence[str]:

@@ -2,16 +2,19 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import checkpoints, demo, merge, routing, superdiff, task_vectors, training
+from . import checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
 from .validation import refuse_nonfinite_numbers
 
 register_task_vector_folder()
+recipes.register_recipe_folder()
 
 ALL_NODES: list[type[io.ComfyNode]] = [
     *task_vectors.NODES,
+    *lora_extract.NODES,
     *merge.NODES,
     *checkpoints.NODES,
+    *recipes.NODES,
     *routing.NODES,
     *superdiff.NODES,
     *training.NODES,

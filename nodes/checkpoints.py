@@ -13,6 +13,7 @@ from comfy_api.latest import io
 
 from .. import merging
 from ..merging.io import parse_dtype, write_safetensors
+from ..merging.recipes import RECIPE_METADATA_KEY, not_rerunnable_recipe
 from . import comfy_bridge as bridge
 from .types import CATEGORY, DTYPE_CHOICES, overflow_input
 
@@ -99,25 +100,44 @@ class SaveCheckpointStreaming(io.ComfyNode):
         target = parse_dtype(dtype)
         plan = checkpoint_plan(model, clip, vae)
         specs = [(key, output_dtype(tensor, target), tuple(tensor.shape)) for key, tensor, _ in plan]
-        metadata = checkpoint_metadata(model, getattr(cls.hidden, "prompt", None))
+        metadata = checkpoint_metadata(model, getattr(cls.hidden, "prompt", None), target)
         stream = stream_checkpoint(plan, model, clip, target, mm.get_torch_device())
         write_safetensors(path, specs, stream, metadata, bridge.KeyProgress(len(plan)), overflow)
         relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())
         return io.NodeOutput(ui={"text": [f"saved {len(plan)} tensors to output/{relative.as_posix()}"]})
 
 
-def checkpoint_metadata(model, prompt) -> dict[str, str]:
+def checkpoint_metadata(model, prompt, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """The recipes of task vectors patched into the model, the pack version and the prompt."""
-    recipes = []
+    recipes, applied = [], []
     for patches in model.patches.values():
         for patch in patches:
             value = patch[1]
-            if isinstance(value, bridge.TaskVectorPatch) and value.vector.recipe not in recipes:
-                recipes.append(value.vector.recipe)
+            if isinstance(value, bridge.TaskVectorPatch):
+                if value.vector.recipe not in recipes:
+                    recipes.append(value.vector.recipe)
+                if not any(vector is value.vector and strength == patch[0] for vector, strength in applied):
+                    applied.append((value.vector, patch[0]))
     metadata = {"dm_version": merging.__version__, "dm_recipe": json.dumps(recipes)}
+    metadata[RECIPE_METADATA_KEY] = json.dumps(checkpoint_recipe(applied, dtype))
     if prompt is not None:
         metadata["prompt"] = json.dumps(prompt)
     return metadata
+
+
+def checkpoint_recipe(applied: list, dtype: torch.dtype) -> dict:
+    """What is known of how the checkpoint was made, marked not re-runnable: its base is a MODEL, not a file."""
+    vector = None
+    for patch_vector, strength in applied:
+        term = patch_vector.scale(strength)
+        vector = term if vector is None else vector + term
+    result = {"kind": "checkpoint", "base": None, "dtype": str(dtype).removeprefix("torch.")}
+    return not_rerunnable_recipe(
+        vector,
+        result,
+        "saved from a MODEL loaded in ComfyUI, whose file is not known; save the task vector (or its recipe) and "
+        "apply it to the base file, or merge files with merging.merge_checkpoint_files, for a re-runnable recipe",
+    )
 
 
 NODES = [SaveCheckpointStreaming]

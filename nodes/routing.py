@@ -91,7 +91,8 @@ def _memory_input() -> io.Combo.Input:
         "memory_mode",
         options=list(runtime.MEMORY_MODES),
         default="resident",
-        tooltip="resident: load every expert before sampling (fastest; VRAM ≈ sum of the experts). "
+        tooltip="resident: load every expert before sampling, and keep the weights of experts that share a model "
+        "(base + task vector, a LoRA) while they fit (fastest; VRAM ≈ sum of the experts). "
         "sequential: load only the active expert and swap at each boundary, once per run (VRAM ≈ the "
         "largest expert, like chained samplers).",
     )

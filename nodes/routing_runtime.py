@@ -13,8 +13,14 @@ A routed MODEL is a clone of the first expert carrying wrappers (``comfy.patcher
   conditioning once more with that model and ``PREDICT_NOISE`` hands each step the right set.
 
 Memory modes: ``resident`` registers the other experts as additional models, so ComfyUI loads them
-together with the routed model before sampling (no load mid-run); ``sequential`` loads only the active
-expert and, at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
+together with the routed model before sampling (no load mid-run), and keeps the weights of clone experts as
+resident weight sets (``routing_weights``) while they fit; ``sequential`` loads only the active expert and,
+at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
+
+The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything
+queued. The expert is therefore chosen from the sampler's reported progress (``merging.schedules.call_windows``)
+and the calls' real σ are read once, after the run: a sampler whose calls did not follow its progress (a
+restart sampler, adaptive steps) is run again reading σ where needed, and remembered.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ import torch
 from ..merging.schedules import (
     Boundary,
     SigmaScale,
+    call_windows,
     check_coverage,
     coverage_problem,
     discrete_scale,
@@ -45,6 +53,7 @@ from ..merging.schedules import (
     flow_scale,
     resolve_ends,
 )
+from .routing_weights import ExpertWeightSets
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +70,20 @@ _PARAMETERISATIONS = (
 )
 _PATCH_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
 _REMEMBERED_SAMPLINGS = 64
+# How an expert is chosen per call, from the cheapest to the safest: the schedule point for calls between
+# steps whose window holds a boundary, a read-back of σ for just those calls, a read-back at every call.
+CHOICE_MODES = ("predict", "window", "exact")
+_REMEMBERED_SAMPLERS = 64
+# ComfyUI's samplers whose calls leave that pattern (measured over every boundary position of a 10-step schedule):
+# midpoint evaluations between reported steps, and the adaptive solvers. Others start at "predict"; any sampler
+# is checked after each run all the same.
+_INITIAL_CHOICE_MODES = {
+    **dict.fromkeys(
+        ("sample_heunpp2", "sample_dpm_2", "sample_dpmpp_sde", "sample_dpmpp_sde_gpu", "sample_seeds_2"), "window"
+    ),
+    **dict.fromkeys(("sample_seeds_3", "sample_sa_solver_pece"), "window"),
+    **dict.fromkeys(("dpm_fast_function", "dpm_adaptive_function"), "exact"),
+}
 
 
 @dataclass(frozen=True)
@@ -192,6 +215,7 @@ class SigmaRouter:
         archs = {_arch_key(p.model) for p, k in zip(self.canonical, self.kinds, strict=True) if k is Kind.DELEGATE}
         self.own_conds = archs - {_arch_key(self.primary_module)}
         self._run: RoutingRun | None = None
+        self.weight_sets = ExpertWeightSets()  # clone experts' resident weights (resident mode)
         resolve_ends(self.boundaries, sigma_scale(_sampling_of(experts[0].model)))  # order errors now
 
     def _classify(self) -> tuple[list[Kind], list[Any]]:
@@ -212,8 +236,8 @@ class SigmaRouter:
         wrappers = comfy.patcher_extension.WrappersMP
         routed.add_wrapper_with_key(wrappers.OUTER_SAMPLE, ROUTER_KEY, self.outer_sample_wrapper)
         routed.add_wrapper_with_key(wrappers.APPLY_MODEL, ROUTER_KEY, self.apply_model_wrapper)
+        routed.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, ROUTER_KEY, self.sampler_sample_wrapper)
         if self.own_conds:
-            routed.add_wrapper_with_key(wrappers.SAMPLER_SAMPLE, ROUTER_KEY, self.sampler_sample_wrapper)
             routed.add_wrapper_with_key(wrappers.PREDICT_NOISE, ROUTER_KEY, self.predict_noise_wrapper)
         if self.memory_mode == "resident":
             resident = self._first_per_module()
@@ -248,7 +272,7 @@ class SigmaRouter:
 
     def current_expert(self, timestep: torch.Tensor) -> int:
         """The expert serving a call at ``timestep`` (σ) in the current run."""
-        return self._active_run().expert_at(float(timestep.max()))
+        return self._active_run().choose(timestep)
 
     def _active_run(self) -> RoutingRun:
         if self._run is None:  # ComfyUI merges model wrappers only in CFGGuider.sample, which starts a run
@@ -256,11 +280,13 @@ class SigmaRouter:
         return self._run
 
     @contextlib.contextmanager
-    def run(self, running, sigmas, conds: dict | None = None) -> Iterator[RoutingRun]:
+    def run(self, running, sigmas, conds: dict | None = None, choice_mode: str = "exact") -> Iterator[RoutingRun]:
         """One sampler call of ``running`` (the routed model or a clone of it) over ``sigmas``."""
-        run = RoutingRun(self, running, sigmas)
+        run = RoutingRun(self, running, sigmas, choice_mode)
         if self.memory_mode == "sequential":  # a previous run may have left a later expert loaded
             run.unload_others(running)
+        else:  # weight sets made against modules ComfyUI has since (partly) unloaded are stale: free them first
+            self.weight_sets.drop_unless_loaded(running)
         if self.own_conds and conds is not None:
             run.raw_conds = {name: [c.copy() for c in items] for name, items in conds.items()}
         previous, self._run = self._run, run
@@ -273,19 +299,46 @@ class SigmaRouter:
     # -- wrappers ----------------------------------------------------------------------------------
 
     def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        """OUTER_SAMPLE: one run per sampler call, validated before anything is loaded."""
+        """OUTER_SAMPLE: one run per sampler call, validated before anything is loaded.
+
+        If the run's calls did not follow the sampler's reported progress, the result is discarded and the
+        sampler runs again choosing more carefully (and is remembered for the next runs).
+        """
         guider = executor.class_obj
-        with self.run(guider.model_patcher, sigmas, guider.conds):
-            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        key = _sampler_key(sampler)
+        conds = _copied_conds(guider.conds)
+        function = getattr(getattr(sampler, "sampler_function", None), "__name__", None)
+        mode = _learned_choice_modes.get(key) or _INITIAL_CHOICE_MODES.get(function, CHOICE_MODES[0])
+        while True:
+            with self.run(guider.model_patcher, sigmas, guider.conds, mode) as run:
+                output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+                safer = run.choice.verdict()
+            if safer is None:
+                return output
+            mode = max(safer, mode, key=CHOICE_MODES.index)
+            _remember_choice_mode(key, mode)
+            logger.info(
+                "σ routing: this sampler's calls did not follow its reported steps; sampling again (%s σ reads)", mode
+            )
+            guider.conds = _copied_conds(conds)
 
     def sampler_sample_wrapper(
         self, executor, guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs
     ):
-        """SAMPLER_SAMPLE: encode the conditioning for experts of another model class, once per run."""
-        if self._run is not None and self._run.raw_conds is not None:
+        """SAMPLER_SAMPLE: follow the sampler's progress (its step callback); encode the conditioning for experts
+        of another model class, once per run."""
+        run = self._run
+        if run is None:
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+        if run.raw_conds is not None:
             denoise_mask = args[0] if args else kwargs.get("denoise_mask")
-            self._run.encode_conds(guider, noise, latent_image, denoise_mask, extra_args.get("seed"))
-        return executor(guider, sigmas, extra_args, callback, noise, latent_image, *args, **kwargs)
+            run.encode_conds(guider, noise, latent_image, denoise_mask, extra_args.get("seed"))
+
+        def progress(step, *rest, **named):
+            run.choice.step_reported(step)
+            return callback(step, *rest, **named) if callback is not None else None
+
+        return executor(guider, sigmas, extra_args, progress, noise, latent_image, *args, **kwargs)
 
     def predict_noise_wrapper(self, executor, x, timestep, *args, **kwargs):
         """PREDICT_NOISE: hand each step the conditioning encoded by its expert's model class."""
@@ -293,7 +346,7 @@ class SigmaRouter:
         if run is None or not run.conds_by_arch:
             return executor(x, timestep, *args, **kwargs)
         guider = executor.class_obj
-        index = run.expert_at(float(timestep.max()))
+        index = run.choose(timestep)
         saved, guider.conds = guider.conds, run.conds_by_arch[_arch_key(self.canonical[index].model)]
         try:
             return executor(x, timestep, *args, **kwargs)
@@ -305,8 +358,8 @@ class SigmaRouter:
         if executor.class_obj is not self.primary_module:  # an expert's own apply_model re-entering
             return executor(x, t, *args, **kwargs)
         run = self._active_run()
-        index = run.expert_at(float(t.max()))
-        run.activate(index)
+        index = run.choose(t)
+        run.activate(index, x.shape)
         if self.kinds[index] is Kind.DELEGATE:
             return self.canonical[index].model.apply_model(x, t, *args, **kwargs)
         return executor(x, t, *args, **kwargs)
@@ -315,13 +368,14 @@ class SigmaRouter:
 class RoutingRun:
     """One sampler call through a routed model: resolved ends, the active expert, expert loads."""
 
-    def __init__(self, router: SigmaRouter, running, sigmas):
+    def __init__(self, router: SigmaRouter, running, sigmas, choice_mode: str = "exact"):
         self.router = router
         self.running = running
         sampling = _sampling_of(running)
         self._check_sampling(sampling)
         self.ends = resolve_ends(router.boundaries, sigma_scale(sampling))
-        check_coverage(self.ends, sigmas.detach().cpu(), router.boundaries)
+        schedule = sigmas.detach().cpu()  # the run's one read of the schedule
+        check_coverage(self.ends, schedule, router.boundaries)
         if router.node_id is not None:
             remember_sampling(router.node_id, sampling)
         if running.patches_uuid != router.experts[0].model.patches_uuid:
@@ -329,6 +383,7 @@ class RoutingRun:
                 "weight patches (e.g. a LoRA) were added to the routed MODEL after routing: they apply to the "
                 "first expert's weights only — apply them to each expert before routing"
             )
+        self.choice = ExpertChoice(self, schedule, choice_mode)
         self.active: int | None = None
         self.loads = 0
         self.raw_conds: dict | None = None
@@ -351,18 +406,33 @@ class RoutingRun:
             raise ValueError(coverage_problem(self.ends, [sigma, 0.0], self.router.boundaries))
         return index
 
-    def activate(self, index: int) -> None:
+    def choose(self, timestep: torch.Tensor) -> int:
+        """The expert serving a network call at ``timestep`` (σ, on the device)."""
+        return self.choice.choose(timestep)
+
+    def activate(self, index: int, input_shape=None) -> None:
         """Make expert ``index``'s weights the loaded ones; a no-op while the same expert stays active."""
         if index == self.active:
             return
-        target = self.running if self.router.kinds[index] is Kind.PRIMARY else self.router.canonical[index]
+        router = self.router
+        router.weight_sets.restore()  # the loaded expert's own weights back in before anything else
+        if router.kinds[index] is Kind.SWAP and self._swap_resident(index, input_shape):
+            self.active = index
+            return
+        target = self.running if router.kinds[index] is Kind.PRIMARY else router.canonical[index]
         if not _is_loaded(target):
-            if self.router.memory_mode == "sequential":
+            if router.memory_mode == "sequential":
                 self.unload_others(target)
-            logger.info("σ routing: loading expert %d (%s)", index + 1, self.router.kinds[index].value)
+            logger.info("σ routing: loading expert %d (%s)", index + 1, router.kinds[index].value)
             mm.load_models_gpu([target])
             self.loads += 1
         self.active = index
+
+    def _swap_resident(self, index: int, input_shape) -> bool:
+        """Resident mode: a clone expert's weights from its resident set, when it can have one."""
+        if self.router.memory_mode != "resident" or input_shape is None or not _is_loaded(self.running):
+            return False
+        return self.router.weight_sets.swap_in(self.running, self.router.canonical[index], input_shape)
 
     def unload_others(self, target) -> None:
         """Sequential mode: free the other experts' modules (all but ``target``'s)."""
@@ -388,7 +458,91 @@ class RoutingRun:
             )
 
     def finish(self) -> None:
+        sets = self.router.weight_sets
+        sets.restore()
+        if self.router.memory_mode == "resident":
+            sets.drop_if_memory_is_short(self.running.load_device)
         logger.debug("σ routing: run finished with %d expert load(s) mid-run", self.loads)
+
+
+class ExpertChoice:
+    """Which expert serves each network call of one run, chosen without reading σ from the device.
+
+    ``predict``: from the sampler's reported steps (:func:`~..merging.schedules.call_windows`); where a boundary
+    falls between two reported steps, the schedule point's expert. ``window``: the same, but σ is read for the
+    calls made where a boundary falls between steps. ``exact``: σ is read at every call. Predicted choices are
+    checked against the calls' real σ once, after the run (:meth:`verdict`).
+    """
+
+    def __init__(self, run: RoutingRun, schedule: torch.Tensor, mode: str):
+        self.run, self.mode = run, mode
+        self.window, self.point = call_windows(run.ends, schedule)
+        self.reported = 0  # steps the sampler reported finished
+        self.unchecked: list[tuple[torch.Tensor, int, int]] = []  # (σ on the device, expert chosen, steps reported)
+        self.reads = 0  # σ read back from the device (each one waits for it)
+
+    def step_reported(self, step) -> None:
+        if isinstance(step, numbers.Integral):
+            self.reported = min(max(int(step) + 1, 0), len(self.window) - 1)
+
+    def choose(self, timestep: torch.Tensor) -> int:
+        if self.mode != "exact":
+            index = self.window[self.reported]
+            if index is None and self.mode == "predict":
+                index = self.point[self.reported]
+            if index is not None:
+                self.unchecked.append((timestep, index, self.reported))
+                return index
+        self.reads += 1
+        return self.run.expert_at(float(timestep.max()))
+
+    def verdict(self) -> str | None:
+        """None when every predicted call's real σ belongs to the chosen expert (one read-back for the whole
+        run); else the cheapest choice mode that would have been right for this run's calls."""
+        if not self.unchecked:
+            return None
+        flat = torch.cat([t if t.dim() == 1 else t.reshape(-1) for t, _, _ in self.unchecked])
+        values = flat.to("cpu", torch.float64).tolist()
+        self.reads += 1
+        position, verdict = 0, None
+        for timestep, index, reported in self.unchecked:
+            expert = expert_index(max(values[position : position + timestep.numel()]), self.run.ends)
+            position += timestep.numel()
+            if expert != index:
+                window = self.window[reported]
+                if window is not None and window != expert:
+                    return "exact"  # outside even the window of its reported step
+                verdict = "window"
+        self.unchecked.clear()
+        return verdict
+
+
+def _sampler_key(sampler) -> tuple:
+    """What identifies a sampler's calling pattern: its class, its sampler function and its simple options."""
+    function = getattr(sampler, "sampler_function", None)
+    options = getattr(sampler, "extra_options", None)
+    simple = tuple(
+        sorted((k, v) for k, v in options.items() if isinstance(v, (bool, int, float, str)))
+        if isinstance(options, dict)
+        else ()
+    )
+    name = getattr(function, "__qualname__", None) or type(function).__name__
+    return type(sampler).__module__, type(sampler).__qualname__, getattr(function, "__module__", None), name, simple
+
+
+_learned_choice_modes: OrderedDict[tuple, str] = OrderedDict()
+
+
+def _remember_choice_mode(key: tuple, mode: str) -> None:
+    _learned_choice_modes[key] = mode
+    _learned_choice_modes.move_to_end(key)
+    while len(_learned_choice_modes) > _REMEMBERED_SAMPLERS:
+        _learned_choice_modes.popitem(last=False)
+
+
+def _copied_conds(conds: dict) -> dict:
+    """A guider's conditioning as ``CFGGuider.sample`` hands it to a run (fresh dicts: runs change them)."""
+    return {name: [c.copy() for c in items] for name, items in conds.items()}
 
 
 def _is_loaded(patcher) -> bool:
@@ -398,6 +552,12 @@ def _is_loaded(patcher) -> bool:
         if other is not None and other.model is patcher.model and _weights_key(other) == _weights_key(patcher):
             return True
     return False
+
+
+def router_of(model) -> SigmaRouter | None:
+    """The router installed on a routed MODEL (None for any other MODEL)."""
+    wrappers = model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, ROUTER_KEY)
+    return getattr(wrappers[0], "__self__", None) if wrappers else None
 
 
 def build_routed_model(experts: tuple[Expert, ...], memory_mode: str = "resident", node_id: str | None = None):

@@ -175,6 +175,7 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
         self.traces: OrderedDict[str, sd.SuperDiffTrace] = OrderedDict()
         self.last_trace: sd.SuperDiffTrace | None = None
         self._pending_trace: sd.SuperDiffTrace | None = None
+        self._scales: tuple | None = None  # (device, dtype, rank) and the CFG scales as a tensor there
 
     def _plan(self, components) -> tuple[list[_Group], dict, list[tuple[str, str | None]]]:
         first = components[0].model
@@ -271,10 +272,17 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
     def predict_components(self, x, timestep, model_options, seed=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every component's unguided (positive) and guided (CFG) denoised prediction, stacked (N, B, …).
 
-        One ``calc_cond_batch`` call per model group evaluates all of that model's conditionings.
+        One ``calc_cond_batch`` call per model group evaluates all of that model's conditionings. When every
+        component runs plain CFG (no custom CFG function on any model), the N guided predictions are computed
+        together, in three launches.
         """
-        positives: list[torch.Tensor | None] = [None] * len(self.components)
-        guided: list[torch.Tensor | None] = [None] * len(self.components)
+        count = len(self.components)
+        together = all(component.guided for component in self.components) and all(
+            _plain_cfg(group.model_options if group.model_options is not None else model_options)
+            for group in self.groups
+        )
+        positives: list[torch.Tensor | None] = [None] * count
+        others: list[torch.Tensor | None] = [None] * count  # negatives (together) or guided predictions
         for group in self.groups:
             base_model = group.patcher.model if not group.shares_primary_module else self.inner_model
             options = group.model_options if group.model_options is not None else model_options
@@ -284,8 +292,27 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
             outputs = dict(zip(group.cond_names, predictions, strict=True))
             for index in group.members:
                 positives[index] = outputs[self.names[index][0]]
-                guided[index] = self._guided(index, outputs, base_model, x, timestep, options, processed)
-        return torch.stack(positives), torch.stack(guided)
+                others[index] = (
+                    outputs[self.names[index][1]]
+                    if together
+                    else self._guided(index, outputs, base_model, x, timestep, options, processed)
+                )
+        positive = torch.stack(positives)
+        if not together:
+            return positive, torch.stack(others)
+        negative = others[0] if all(other is others[0] for other in others) else torch.stack(others)
+        return positive, negative + (positive - negative) * self._cfg_scales(positive)  # CFG, as cfg_function
+
+    def _cfg_scales(self, like: torch.Tensor) -> float | torch.Tensor:
+        """The components' CFG scales: one number when they agree, else an (N, 1, …) tensor made once per device."""
+        scales = [component.cfg for component in self.components]
+        if all(scale == scales[0] for scale in scales):
+            return scales[0]
+        key = (like.device, like.dtype, like.dim())
+        if self._scales is None or self._scales[0] != key:
+            shape = (len(scales),) + (1,) * (like.dim() - 1)
+            self._scales = key, torch.tensor(scales, dtype=like.dtype).reshape(shape).to(like.device)
+        return self._scales[1]
 
     def _guided(self, index, outputs, base_model, x, timestep, options, processed) -> torch.Tensor:
         positive_name, negative_name = self.names[index]
@@ -328,6 +355,11 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
         return trace
 
 
+def _plain_cfg(model_options: dict) -> bool:
+    """Whether CFG on these options is ComfyUI's plain formula (no custom CFG or post-CFG function)."""
+    return "sampler_cfg_function" not in model_options and not model_options.get("sampler_post_cfg_function")
+
+
 def _sampler_name(sampler) -> str:
     function = getattr(sampler, "sampler_function", None)
     name = getattr(function, "__name__", None) or type(sampler).__name__
@@ -357,7 +389,11 @@ def _guider_of(model) -> SuperDiffGuider:
 
 @torch.no_grad()
 def sample_superdiff(model, x, sigmas, extra_args=None, callback=None, disable=None, settings=None):
-    """The SuperDiff loop: for each step, all components' predictions, noise, κ, the SDE move, Itô updates."""
+    """The SuperDiff loop: for each step, all components' predictions, noise, κ, the SDE move, Itô updates.
+
+    Nothing in the loop reads a value back from the device, so the host keeps queueing work while the GPU
+    computes; the singular-κ count and the trace are read once, after the last step.
+    """
     guider = _guider_of(model)
     settings = settings or sd.SuperDiffSettings()
     extra_args = extra_args or {}
@@ -367,29 +403,35 @@ def sample_superdiff(model, x, sigmas, extra_args=None, callback=None, disable=N
     bias = settings.bias_for(count)
     x, used, skip = _start(model, x, sigmas, kind, settings)
     values = used.tolist()  # σ as Python floats, read once
-    offsets = sd.and_step_offsets(bias, len(values) - 1) if settings.mode == "AND" else None
-    generator = sd.noise_generator(seed)
     log_density = torch.zeros(x.shape[0], count, dtype=sd.scalar_dtype(x.device), device=x.device)
-    kappas, densities, invalid = [], [log_density], 0
-    s_in = x.new_ones([x.shape[0]])
+    bias_t = sd.bias_tensor(bias, log_density)  # made on the device once, not at every step
+    offsets = sd.and_step_offsets(bias, len(values) - 1) if settings.mode == "AND" else None
+    offsets_t = sd.bias_tensor(offsets, log_density)
+    generator = sd.noise_generator(seed)
+    kappas, densities, invalid = [], [log_density], []
+    timesteps = used[:-1, None] * x.new_ones([x.shape[0]])  # every step's σ per sample, in one launch
     for step, (sigma, sigma_next) in enumerate(itertools.pairwise(values)):
         mm.throw_exception_if_processing_interrupted()
         coefficients = sd.step_coefficients(kind, sigma, sigma_next)
-        positive, guided = guider.predict_components(x, used[step] * s_in, model_options, seed)
+        positive, guided = guider.predict_components(x, timesteps[step], model_options, seed)
         scores = sd.score_from_denoised(x, positive, sigma, kind)
         guided_scores = sd.score_from_denoised(x, guided, sigma, kind)
         noise = sd.draw_noise(generator, x)  # drawn before κ: AND solves with it
-        result = sd.superdiff_step(x, scores, guided_scores, noise, log_density, coefficients, settings, bias, offsets)
+        result = sd.superdiff_step(
+            x, scores, guided_scores, noise, log_density, coefficients, settings, bias_t, offsets_t
+        )
         if callback is not None:
             denoised = sd.denoised_from_score(x, result.mixed_score, sigma, kind)
             callback({"x": x, "i": step + skip, "sigma": used[step], "sigma_hat": used[step], "denoised": denoised})
         x, log_density = result.x, result.log_density
         kappas.append(result.kappa)
         densities.append(log_density)
-        invalid += result.invalid
-    if invalid:
-        logger.warning("SuperDiff AND: %d sample-step(s) had a singular κ system and used equal weights", invalid)
-    guider.hand_over_trace(_trace(settings, kind, bias, used, kappas, densities, invalid))
+        if result.invalid is not None:
+            invalid.append(result.invalid)
+    invalid_count = int(torch.stack(invalid).sum()) if invalid else 0  # the run's one read-back of it
+    if invalid_count:
+        logger.warning("SuperDiff AND: %d sample-step(s) had a singular κ system and used equal weights", invalid_count)
+    guider.hand_over_trace(_trace(settings, kind, bias, used, kappas, densities, invalid_count))
     return x
 
 

@@ -298,7 +298,7 @@ class RangeExpertTrainer:
         started = time.perf_counter()
         tau = training_progress(step, settings.steps)
         self._schedule(optimizer, tau)
-        totals = torch.zeros(3)
+        totals = None  # (total, range, consistency) summed on the device, read once per optimiser step
         for _ in range(settings.grad_accumulation):
             progress.check()
             indices = order.next(settings.batch_size)
@@ -308,7 +308,8 @@ class RangeExpertTrainer:
             losses = self._losses(guider, extra_args, batch_conds, latents[indices], sigma)
             self._check_finite_loss(step, float(losses[0].detach()))
             (losses[0] / settings.grad_accumulation).backward()
-            totals += torch.stack([loss.detach().float().cpu() for loss in losses])
+            values = torch.stack([loss.detach().float() for loss in losses])
+            totals = values if totals is None else totals + values
             self.log.sigma += sigma.tolist()
             self.log.normalized_time += draw.normalized_times.tolist()
             self.log.global_draw.append(draw.used_global)
@@ -316,12 +317,12 @@ class RangeExpertTrainer:
             torch.nn.utils.clip_grad_norm_(self._parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total, range_loss, consistency = (totals / settings.grad_accumulation).tolist()
+        total, range_loss, consistency = (totals / settings.grad_accumulation).tolist()  # waits for the step
         self.log.loss.append(total)
         self.log.range_loss.append(range_loss)
         self.log.consistency_loss.append(consistency)
         self.log.curriculum_weight.append(settings.timesteps.curriculum_weight(tau))
-        self.log.step_seconds.append(time.perf_counter() - started)  # the losses above synchronised the device
+        self.log.step_seconds.append(time.perf_counter() - started)  # reading the losses waited for the device
         progress.update(step, settings.steps, total)
 
     def _check_finite_loss(self, step: int, loss: float) -> None:
@@ -343,8 +344,8 @@ class RangeExpertTrainer:
         """(total, range loss, consistency loss) of one micro-batch."""
         sampling = guider.inner_model.model_sampling
         device = x0.device
-        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(device=device, dtype=x0.dtype)
-        sigma = sigma.to(device)
+        noise = to_device(torch.randn(x0.shape, generator=self.generator, dtype=torch.float32), device, x0.dtype)
+        sigma = to_device(sigma, device)
         noisy = sampling.noise_scaling(sigma, noise, x0)
         scale = self._output_scale(sampling, sigma, x0)
         guider.conds["positive"] = conds
@@ -352,19 +353,19 @@ class RangeExpertTrainer:
         weight = self.settings.consistency_weight
         if weight > 0:
             with torch.no_grad(), self.switch.off(), self._autocast(device):
-                frozen = guider(noisy, sigma, **extra_args).float() / scale
+                frozen = _scaled(guider(noisy, sigma, **extra_args).float(), scale)
         with self._autocast(device):
-            prediction = guider(noisy, sigma, **extra_args).float() / scale
-        range_loss = self.loss_fn(prediction, x0.float() / scale)
+            prediction = _scaled(guider(noisy, sigma, **extra_args).float(), scale)
+        range_loss = self.loss_fn(prediction, _scaled(x0.float(), scale))
         if weight > 0:
             consistency = self.loss_fn(prediction, frozen)
         return range_loss + weight * consistency, range_loss, consistency
 
-    def _output_scale(self, sampling, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """1, or |b(σ)| in D = a·x + b·output: dividing x₀ errors by it gives errors in ε / v / velocity."""
-        shape = (sigma.shape[0],) + (1,) * (x0.ndim - 1)
+    def _output_scale(self, sampling, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor | None:
+        """None (x₀ loss), or |b(σ)| in D = a·x + b·output: dividing x₀ errors by it gives ε / v / velocity errors."""
         if self.settings.loss_space == "x0":
-            return torch.ones(shape, device=x0.device)
+            return None
+        shape = (sigma.shape[0],) + (1,) * (x0.ndim - 1)
         ones = torch.ones(shape, device=x0.device)
         return sampling.calculate_denoised(sigma.float(), ones, torch.zeros_like(ones)).abs().clamp_min(1e-8)
 
@@ -394,8 +395,8 @@ class RangeExpertTrainer:
         scale = self._output_scale(sampling, sigma, x0)
         guider.conds["positive"] = select_rows(conds, indices, count)
         with torch.no_grad(), self._autocast(x0.device):
-            prediction = guider(noisy, sigma, **extra_args).float() / scale
-        return float(self.loss_fn(prediction, x0.float() / scale))
+            prediction = _scaled(guider(noisy, sigma, **extra_args).float(), scale)
+        return float(self.loss_fn(prediction, _scaled(x0.float(), scale)))
 
     # optimiser -----------------------------------------------------------------------------------
 
@@ -452,6 +453,18 @@ class RangeExpertTrainer:
         self.log.range_sigma = tuple(ends.tolist())
         grid = torch.linspace(0, 1, 11, dtype=torch.float64)
         self.log.schedule_sigma = levels.sigma(grid).tolist()
+
+
+def _scaled(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return values if scale is None else values / scale
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: on CUDA through pinned memory, copied
+    asynchronously (a copy from pageable memory waits until the device has finished all queued work)."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
 
 
 class _TrainingSampler(comfy.samplers.Sampler):

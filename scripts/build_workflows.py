@@ -870,9 +870,93 @@ def superdiff_or_models(g: Graph) -> None:
     g.node("SaveImage", 5, size=(360, 400), images=image[0], filename_prefix="diffusion_merge/superdiff_or")
 
 
+LORA_EXTRACT_NOTE = """\
+Extract a LoRA from a task vector: a fine-tune's change (or any merge result) as a standard, small LoRA file.
+
+1. Put a base checkpoint and a fine-tune OF THAT BASE into models/checkpoints (this example names SD 1.5 and \
+DreamShaper 8). "Task Vector from Models" takes τ = fine-tune − base.
+
+2. "Extract LoRA from Task Vector" replaces each weight's change by its best rank-32 approximation (SVD; 3×3 \
+convolutions as LoCon) and writes output/loras/dreamshaper_r32_00001_.safetensors. The node shows how much of τ's \
+energy (squared norm) the LoRA keeps, and which keys kept least. Mode "energy" instead picks, per weight, the \
+smallest rank that keeps e.g. 90 %.
+
+3. Its lora_task_vector output is what the file adds: applied to the base here and sampled, so you can compare it \
+with the fine-tune. Copy the file into models/loras to use it with the stock LoraLoaderModelOnly at strength 1.
+
+Works on merge results too: connect a Merge node's "merged" output instead of the task vector.
+"""
+
+
+def lora_extract(g: Graph) -> None:
+    """A fine-tune's task vector as a rank-32 LoRA file, applied back to the base and sampled."""
+    g.note(LORA_EXTRACT_NOTE, column=0, size=(400, 520))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    tuned = g.node("CheckpointLoaderSimple", 0, title="Fine-tuned model", ckpt_name="dreamshaper_8.safetensors")
+    tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
+    lora = g.node(
+        "DM_TaskVectorToLoRA",
+        2,
+        size=(400, 480),
+        task_vector=tau[0],
+        filename_prefix="loras/dreamshaper_r32",
+        mode="rank",
+        rank=32,
+        conv="locon",
+        other_keys="diff",
+        dtype="fp16",
+    )
+    applied = g.node("DM_TaskVectorApply", 3, model=base["MODEL"], task_vector=lora["lora_task_vector"], strength=1.0)
+    sample_and_save(g, 4, applied["MODEL"], base["CLIP"], base["VAE"], "lora_extract", LIGHTHOUSE)
+
+
+RECIPE_NOTE = """\
+Recipes you can re-run: make LoRAs of two fine-tunes, merge the LoRAs with TIES, save the merge's recipe and run it \
+again.
+
+1. Put a base checkpoint and two fine-tunes of it into models/checkpoints. Each "Extract LoRA from Task Vector" \
+writes a rank-32 LoRA to output/loras; its lora_task_vector output is read from that file, so what is built from it \
+can be made again from files.
+
+2. "Merge: TIES" merges the two LoRAs' changes. "Save Recipe" writes output/recipes/lora_ties_00001_.json: the two \
+LoRA files by name, size and content hash, the method and every parameter. Share the JSON with the LoRAs.
+
+3. "Run Recipe" takes that recipe (here linked as text; or pick a recipes/*.json or any file the pack saved in \
+recipe_file), finds both files in the model and output folders, checks their hashes, and merges again. A missing \
+or different file stops it, naming the file. The re-made task vector is applied to the base and sampled.
+
+Task vectors made from MODELs loaded in ComfyUI are not files: their recipes say so and Run Recipe refuses them. Use \
+"Task Vector from Files" or "Load Task Vector" for inputs you want in a recipe.
+"""
+
+
+def recipe_rerun(g: Graph) -> None:
+    """Two fine-tunes → LoRAs → TIES merge → Save Recipe → Run Recipe → applied to the base and sampled."""
+    g.note(RECIPE_NOTE, column=0, size=(400, 620))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    stack = None
+    for index, (name, prefix) in enumerate(zip(FINETUNE_NAMES, ("dreamshaper_r32", "realistic_r32"), strict=True)):
+        tuned = g.node("CheckpointLoaderSimple", 0, title=f"Fine-tune {index + 1}", ckpt_name=name)
+        tau = g.node("DM_TaskVectorFromModels", 1, finetuned=tuned["MODEL"], base=base["MODEL"])
+        lora = g.node(
+            "DM_TaskVectorToLoRA", 2, size=(400, 420), task_vector=tau[0], filename_prefix=f"loras/{prefix}", rank=32
+        )
+        inputs = {"task_vector": lora["lora_task_vector"], "weight": 1.0} | ({"stack": stack} if stack else {})
+        stack = g.node("DM_TaskVectorStack", 3, **inputs)[0]
+    merged = g.node("DM_MergeTIES", 4, base=base["MODEL"], task_vectors=stack, k=0.2, lam=1.0)
+    saved = g.node(
+        "DM_SaveRecipe", 5, size=(400, 300), task_vector=merged["merged"], filename_prefix="recipes/lora_ties"
+    )
+    rerun = g.node("DM_RunRecipe", 5, size=(400, 360), recipe_json=saved["recipe"], write_file=False)
+    applied = g.node("DM_TaskVectorApply", 6, model=base["MODEL"], task_vector=rerun["task_vector"], strength=1.0)
+    sample_and_save(g, 6, applied["MODEL"], base["CLIP"], base["VAE"], "recipe_rerun")
+
+
 WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
+    "lora_extract": lora_extract,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
+    "recipe_rerun": recipe_rerun,
     "deme_merge": deme_merge,
     "routing_two_experts": routing_two_experts,
     "routing_sdxl_refiner": routing_sdxl_refiner,

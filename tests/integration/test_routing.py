@@ -23,7 +23,7 @@ from comfy_extras import nodes_model_advanced
 
 import nodes
 from diffusion_merge.merging.schedules import Boundary
-from diffusion_merge.nodes import routing, routing_runtime, routing_server
+from diffusion_merge.nodes import routing, routing_runtime, routing_server, routing_weights
 from diffusion_merge.nodes import task_vectors as tv_nodes
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -299,16 +299,72 @@ def test_sequential_mode_loads_each_expert_once_per_run(sd_pair, monkeypatch):
         )
 
 
-def test_clone_experts_swap_once_per_boundary(tiny_sd15, monkeypatch):
-    base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+def clone_chain(base, vector):
+    """Experts base, base, base + τ, base + 2τ over a quarter of sampling each."""
     chain = expert(base, 0.5, "percent", experts=expert(base, 0.25, "percent"))
     for strength, end in ((1.0, 0.75), (2.0, 1.0)):
         chain = routing.RouteTaskVectorExpert.execute(base, vector, strength, end, "percent", 0.0, chain).result[0]
-    routed = routed_model(chain)
+    return chain
+
+
+def test_clone_experts_swap_once_per_boundary_in_sequential_mode(tiny_sd15, monkeypatch):
+    base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
+    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    routed = routed_model(clone_chain(base, vector), "sequential")
     spy = LoadSpy(monkeypatch, {"base": base})
     ksample(routed)  # experts: base, base, base+τ, base+2τ → two swaps, one per change of weights
     assert len(spy.loads_after_first_forward()) == 2
+
+
+def test_resident_clone_experts_keep_their_weights_and_never_reload(tiny_sd15, monkeypatch):
+    """Resident mode keeps each clone expert's weights as a second set: computed once, swapped by reference."""
+    base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
+    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    chain = clone_chain(base, vector)
+    expected = ksample(routed_model(chain, "sequential"))  # through ComfyUI's own swaps
+    routed = routed_model(chain)
+    sets = routing_runtime.router_of(routed).weight_sets
+    plain_before = ksample(base)
+    for _ in range(2):
+        spy = LoadSpy(monkeypatch, {"base": base})
+        assert torch.equal(ksample(routed), expected)
+        assert spy.loads_after_first_forward() == []
+        assert sets.computed_weights == 2 * len(chain[2].model.patches)  # each τ key once per expert, first run
+    assert torch.equal(ksample(base), plain_before)  # the base's own weights are back in its modules
+
+
+def test_resident_clone_experts_fall_back_to_comfyui_swaps_without_room(tiny_sd15, monkeypatch):
+    base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
+    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    chain = clone_chain(base, vector)
+    expected = ksample(routed_model(chain, "sequential"))
+    routed = routed_model(chain)
+
+    class NoFreeMemory:  # ComfyUI's memory management as seen by the weight sets, with nothing free
+        def __getattr__(self, name):
+            return getattr(mm, name)
+
+        @staticmethod
+        def get_free_memory(*args, **kwargs):
+            return 0
+
+    monkeypatch.setattr(routing_weights, "mm", NoFreeMemory())
+    spy = LoadSpy(monkeypatch, {"base": base})
+    assert torch.equal(ksample(routed), expected)
+    assert len(spy.loads_after_first_forward()) == 2
+    assert routing_runtime.router_of(routed).weight_sets.computed_weights == 0
+
+
+def test_resident_weight_sets_are_dropped_when_comfyui_unloads_the_model(tiny_sd15, monkeypatch):
+    base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
+    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    routed = routed_model(clone_chain(base, vector))
+    sets = routing_runtime.router_of(routed).weight_sets
+    first = ksample(routed)
+    computed = sets.computed_weights
+    mm.unload_all_models()
+    assert torch.equal(ksample(routed), first)
+    assert sets.computed_weights == 2 * computed  # made again for the reloaded modules
 
 
 # -- model families ---------------------------------------------------------------------------------

@@ -187,6 +187,19 @@ def test_tiny_sd15_is_deterministic_and_finite(tiny_sd15, count, mode):
     assert ui["superdiff_trace"][0]["components"] == count
 
 
+@pytest.mark.parametrize("mode", sd.MODES)
+def test_cfg_of_all_components_at_once_equals_comfyuis_cfg_function_per_component(tiny_sd15, mode):
+    """Plain CFG is computed for every component together; a post-CFG function forces ComfyUI's own path."""
+    components = sd_components(tiny_sd15, 3)  # two models, scales 5 and 3, one shared negative
+    together, _, _ = all_in_one(components, mode)
+    identity = {id(c.model): c.model.clone() for c in components}  # one clone per model: the same batches
+    for model in identity.values():
+        model.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    per_component = tuple(runtime.Component(identity[id(c.model)], c.positive, c.negative, c.cfg) for c in components)
+    one_by_one, _, _ = all_in_one(per_component, mode)
+    assert torch.equal(together, one_by_one)
+
+
 @pytest.mark.parametrize("count", [2, 3])
 def test_tiny_flux_is_deterministic_and_finite_from_sigma_one(tiny_flux, count):
     a, b = tiny_flux(0), tiny_flux(1)

@@ -75,11 +75,12 @@ def test_mismatched_shapes_name_the_key_and_both_shapes():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_delta_raises_naming_the_task_and_key(bad):
-    tvs = task_vectors(2)
+@pytest.mark.parametrize(("method", "params"), METHOD_CASES)
+def test_a_non_finite_delta_raises_naming_the_task_and_key(bad, method, params):
+    tvs = task_vectors(3)
     tvs[1]["diffusion_model.input_blocks.1.0.in_layers.2.bias"][3] = bad
     with pytest.raises(ValueError, match=r"task vector 2: key '.*in_layers\.2\.bias' has NaN/Inf"):
-        merge_task_vectors(tvs, "weighted", device="cpu")
+        merge_task_vectors(tvs, method, device="cpu", chunk_numel=40, **params)
 
 
 def test_validation_happens_before_the_first_key_is_requested():

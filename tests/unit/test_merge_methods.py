@@ -357,3 +357,14 @@ def test_ties_global_trim_counts_a_missing_key_as_zeros_of_that_task():
     del tvs[1][key]
     expected = unflat(disjoint_merge(official_trim(flat(filled), 0.3)), filled[0])
     assert_dicts_close(merge_task_vectors(tvs, "ties", k=0.3, device="cpu"), expected)
+
+
+def test_the_int32_dare_hash_is_the_documented_uint32_hash_bit_for_bit():
+    from diffusion_merge.merging.sparsify import uniform_bits_
+
+    counters = torch.tensor([0, 1, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**31 + 12345, 2**32 - 1], dtype=torch.int64)
+    counters = torch.cat([counters, torch.randint(0, 2**32, (10_000,), generator=torch.Generator().manual_seed(0))])
+    wide = uniform_bits_(counters.clone(), torch.empty_like(counters))
+    narrow = counters.clone().sub_((counters >= 2**31).long() << 32).to(torch.int32)
+    narrow = uniform_bits_(narrow, torch.empty_like(narrow))
+    assert torch.equal(narrow.long() & 0xFFFFFFFF, wide)

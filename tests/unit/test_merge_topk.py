@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_merge.merging.topk import kth_largest_magnitude
+from diffusion_merge.merging.chunks import Scratch
+from diffusion_merge.merging.topk import kth_largest_in_segments, kth_largest_magnitude
 
 
 def chunked(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -62,3 +63,39 @@ def test_the_chunks_are_read_twice_only_when_low_bits_matter():
 def test_a_rank_beyond_the_entries_is_refused():
     with pytest.raises(ValueError, match="outside"):
         streamed([torch.ones(2, 4)], [5, 1])
+
+
+def segments(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Three rows of a few keys of very different sizes and scales; zeros, ties and fp16 values included."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for index, (size, scale) in enumerate(((300, 1.0), (7, 1e-6), (1, 3.0), (2000, 100.0), (64, 0.01))):
+        part = torch.randn(3, size, generator=g) * scale
+        if index == 3:
+            part = part.round()  # many ties
+        if index == 4:
+            part[:, :40] = 0.0
+        parts.append(part.half().float() if seed % 2 else part)
+    values = torch.cat(parts, dim=1)
+    ids = torch.repeat_interleave(
+        torch.arange(len(parts), dtype=torch.int32), torch.tensor([p.shape[1] for p in parts])
+    )
+    return values, ids, parts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_segmented_selection_equals_topk_per_segment(seed):
+    values, ids, parts = segments(seed)
+    g = torch.Generator().manual_seed(seed)
+    ranks = torch.stack([torch.randint(1, p.shape[1] + 1, (3,), generator=g) for p in parts], dim=1)
+    before = values.clone()
+    got = kth_largest_in_segments(values, ids, ranks, Scratch(torch.device("cpu")), low_digit_needed=seed % 2 == 0)
+    expected = torch.stack(
+        [
+            torch.stack([torch.topk(p[r].abs(), int(ranks[r, s])).values[-1] for r in range(3)])
+            for s, p in enumerate(parts)
+        ],
+        dim=1,
+    )
+    assert torch.equal(got, expected)
+    assert torch.equal(values, before)

@@ -113,15 +113,17 @@ def section_line(title: str) -> int:
 
 def test_a_new_user_finds_what_they_need_first():
     """The node guide sits right after Install; the feature table spells out its acronyms; the text does not
-    promise a LoRA-sized file (the help page says a saved τ is as large as its keys) or a torch from local
-    wheels (the venv installs the CUDA build from PyPI unless pip is pointed elsewhere); a registry/Manager
-    install is mentioned."""
+    promise a LoRA-sized file from Save Task Vector (its help page says a saved τ is as large as its keys) or
+    a torch from local wheels (the venv installs the CUDA build from PyPI unless pip is pointed elsewhere); a
+    registry/Manager install is mentioned."""
     assert section_line("Install") < section_line("Which node do I use?") < section_line("The two commands")
     assert section_line("Which node do I use?") < 40
     table = README[: README.index("## Install")]
     for explained in ("DRM (Decom-Renorm-Merge", "CLTS curriculum (", "MDLRC (momentum decay"):
         assert explained in table
-    assert "LoRA-sized file" not in README and "not LoRA-sized" in README
+    for line in README.splitlines():  # a LoRA-sized file comes from the LoRA extractor, not from Save Task Vector
+        if "LoRA-sized" in line and "Save Task Vector" in line:
+            assert "Extract LoRA" in line and "not LoRA-sized" in line, line
     commands = README[README.index("## The two commands") : README.index("**Main job")]
     assert "PyPI" in commands and "comes from the machine's local wheels" not in commands
     assert "ComfyUI-Manager" in README and "comfy node install" in README

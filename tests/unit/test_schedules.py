@@ -17,6 +17,7 @@ from diffusion_merge.merging.schedules import (
     ExpertRange,
     Unit,
     assign_steps,
+    call_windows,
     check_coverage,
     discrete_scale,
     expert_index,
@@ -195,6 +196,20 @@ def test_a_partial_schedule_needs_only_its_own_range():
 
 def test_step_spans_group_consecutive_steps():
     assert step_spans([0, 0, 1, 1, 1, None]) == [(0, 0, 1), (1, 2, 4), (None, 5, 5)]
+
+
+def test_call_windows_name_an_expert_only_where_no_boundary_falls_between_reported_steps():
+    sigmas = [8.0, 4.0, 2.0, 1.0, 0.5, 0.0]
+    window, point = call_windows([2.0, 0.0], sigmas)  # expert 1 above σ 2, expert 2 from σ 2 down
+    # after c reported steps the calls lie in [σ_{c+1}, σ_{c-1}] (the final σ 0 is never evaluated)
+    assert window == [0, None, None, 1, 1, 1]
+    assert point == [0, 0, 1, 1, 1, 1]  # a step exactly on the boundary is the next expert's
+    assert call_windows([0.0], sigmas) == ([0] * 6, [0] * 6)  # one expert: never a boundary
+
+
+def test_call_windows_of_a_schedule_ending_above_zero_include_its_last_sigma():
+    window, _ = call_windows([3.0, 0.0], torch.tensor([8.0, 4.0, 2.0]))
+    assert window == [0, None, None]  # σ 2 is evaluated (by Heun, say) and is expert 2's
 
 
 def test_the_library_imports_without_comfyui():

@@ -153,6 +153,35 @@ def test_flow_update_is_thm_1_with_the_general_alpha_sigma_terms():
     assert torch.allclose(increments, direct, rtol=1e-5, atol=1e-3)
 
 
+def test_density_system_is_every_inner_product_of_the_step_in_float64():
+    """The one batched product gives A_ij = g²Δ⟨s_i, ŝ_j⟩ and b_i = √(g²Δ)⟨z, s_i⟩ + Δ(D·a − g²/2·‖s_i‖²)."""
+    g = torch.Generator().manual_seed(11)
+    c = sd.step_coefficients("flow", 0.6, 0.55)
+    scores, guided = torch.randn(3, 4, 2, D, generator=g), torch.randn(3, 4, 2, D, generator=g)
+    noise = torch.randn(4, 2, D, generator=g)
+    s, t, z = scores.double().flatten(2), guided.double().flatten(2), noise.double().flatten(1)
+    cross = torch.stack([torch.stack([(s[i] * t[j]).sum(-1) for j in range(3)], -1) for i in range(3)], 1)
+    offset = torch.stack(
+        [
+            c.noise_std * (z * s[i]).sum(-1) + c.delta * (2 * D * c.log_alpha_rate - c.g2 / 2 * (s[i] ** 2).sum(-1))
+            for i in range(3)
+        ],
+        -1,
+    )
+    system = sd.density_system(scores, guided, noise, c)
+    assert torch.allclose(system.matrix, c.g2 * c.delta * cross, rtol=1e-12, atol=0)
+    assert torch.allclose(system.offset, offset, rtol=1e-12, atol=1e-12)
+
+
+def test_and_kappa_counts_singular_systems_on_the_device():
+    g = torch.Generator().manual_seed(12)
+    c = sd.step_coefficients("ve", 1.0, 0.9)
+    one = torch.randn(1, 2, D, generator=g)
+    system = sd.density_system(torch.cat([one, one]), torch.cat([one, one]), torch.randn(2, D, generator=g), c)
+    _, invalid = sd.and_kappa(system)
+    assert isinstance(invalid, torch.Tensor) and invalid.dim() == 0 and int(invalid) == 2  # read once per run
+
+
 def test_ito_estimate_tracks_the_exact_log_density_of_a_gaussian():
     sigmas = ve_sigmas(256)
     start, end, log_density, _ = run_toy("ve", sigmas, MEANS[:1], sd.SuperDiffSettings())
