@@ -366,9 +366,8 @@ def write_safetensors(
     specs = list(specs)
     header, data_size = _header_for(specs, metadata)
     remove_stale_partials(path.parent)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    descriptor, temporary = new_partial_file(path)
     try:
-        _hold_writer_lock(descriptor)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(struct.pack("<Q", len(header)))
             handle.write(header)
@@ -393,11 +392,19 @@ PARTIAL_MIN_AGE_S = 60.0
 LEGACY_PARTIAL_MIN_AGE_S = 24 * 3600.0
 
 
-def _hold_writer_lock(descriptor: int) -> None:
-    """Hold an exclusive lock on our partial file while writing it: the kernel drops it when the writer dies,
-    which is how :func:`remove_stale_partials` tells a live save from a killed one."""
-    if fcntl is not None:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+def new_partial_file(target: Path) -> tuple[int, Path]:
+    """(descriptor, path) of a new hidden partial file beside ``target``, exclusively locked for as long as the
+    descriptor stays open: the kernel drops the lock when the writer dies, which is how
+    :func:`remove_stale_partials` tells a live save from a killed one. Every writer of the pack uses these."""
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(descriptor)
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return descriptor, Path(temporary)
 
 
 def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:

@@ -37,6 +37,7 @@ STAND_INS = textwrap.dedent(
 
     base_state_dict, finetuned_state_dict = checkpoint(0), checkpoint(0, 0.05)
     for name, state in [("v1-5-pruned-emaonly", base_state_dict), ("dreamshaper_8", finetuned_state_dict),
+                        ("base", base_state_dict), ("ft", finetuned_state_dict),
                         ("flux1-dev", checkpoint(1)), ("ft_a", checkpoint(1, 0.05)), ("ft_b", checkpoint(1, 0.07))]:
         safetensors.torch.save_file({k: v.half() for k, v in state.items()}, f"{name}.safetensors")
 
