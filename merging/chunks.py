@@ -19,7 +19,8 @@ import torch
 
 from . import device as devices
 from .io import shape_of
-from .task_vectors import TaskVector
+from .keys import check_shared_keys, normalised
+from .task_vectors import TaskVector, same_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,12 @@ def as_sources(task_vectors: Sequence[Mapping[str, torch.Tensor] | TaskVector]) 
         if isinstance(vector, TaskVector):
             sources.append(TaskVectorSource(vector))
         elif isinstance(vector, Mapping):
-            sources.append(MappingSource(vector))
+            sources.append(MappingSource(normalised(vector, f"task vector {index}")))
         else:
             raise ValueError(
                 f"task vector {index} is a {type(vector).__name__}; expected a key→tensor mapping or a TaskVector"
             )
+    _check_key_sets(task_vectors, sources)
     fingerprints = {v.base_fingerprint for v in task_vectors if isinstance(v, TaskVector) and v.base_fingerprint}
     if len(fingerprints) > 1:
         logger.warning(
@@ -108,6 +110,16 @@ def as_sources(task_vectors: Sequence[Mapping[str, torch.Tensor] | TaskVector]) 
             ", ".join(sorted(fingerprints)),
         )
     return sources
+
+
+def _check_key_sets(task_vectors, sources: list[DeltaSource]) -> None:
+    """Refuse task vectors whose keys barely meet the first one's (see :func:`merging.keys.check_shared_keys`);
+    task vectors extracted from one base architecture may hold disjoint parts of it (key filters)."""
+    first_print = getattr(task_vectors[0], "base_fingerprint", None)
+    for index, (vector, source) in enumerate(zip(task_vectors[1:], sources[1:], strict=True), start=2):
+        if same_architecture(first_print, getattr(vector, "base_fingerprint", None)):
+            continue
+        check_shared_keys(sources[0].keys(), source.keys(), ("task vector 1", f"task vector {index}"))
 
 
 def union_shapes(sources: Sequence[DeltaSource]) -> dict[str, tuple[int, ...]]:

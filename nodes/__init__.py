@@ -3,6 +3,7 @@
 from . import checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
 from .compat import ComfyExtension, io
+from .validation import refuse_nonfinite_numbers
 
 register_task_vector_folder()
 recipes.register_recipe_folder()
@@ -18,6 +19,8 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *training.NODES,
     *demo.NODES,
 ]
+for _node in ALL_NODES:  # every FLOAT input of every node must be a finite number (see validation.py)
+    refuse_nonfinite_numbers(_node)
 
 
 class DiffusionMergeExtension(ComfyExtension):

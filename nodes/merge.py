@@ -15,7 +15,6 @@ import comfy.utils
 import torch
 
 from ..merging.key_weights import parse_weight_rules
-from ..merging.keys import fingerprint
 from ..merging.merge import merge_to_task_vector
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
@@ -137,8 +136,7 @@ def warn_on_other_bases(base, vectors: list[TaskVector]) -> None:
     known = [(i, v.base_fingerprint) for i, v in enumerate(vectors, start=1) if v.base_fingerprint]
     if not known:
         return
-    weights = bridge.model_weights(base)
-    base_print = fingerprint(weights, {k: weights.shape_of(k) for k in weights})
+    base_print = bridge.model_fingerprint(base)
     for index, vector_print in known:
         if vector_print != base_print:
             logger.warning(

@@ -111,3 +111,50 @@ def test_use_demo_models_caps_training_steps(workflows):
     demo = workflows.use_demo_models(prompt)
     assert [demo[i]["inputs"]["steps"] for i in "123"] == [workflows.DEMO_TRAINING_STEPS, 2, ["9", 0]]
     assert prompt["1"]["inputs"]["steps"] == 500
+
+
+DEMO_LOADER_INFO = {  # as /object_info describes DM_DemoCheckpointLoader: its seed opts out of the control
+    "DM_DemoCheckpointLoader": {
+        "input": {
+            "required": {
+                "variant": [["base", "finetune-a"], {"default": "base"}],
+                "seed": ["INT", {"default": 0, "control_after_generate": False}],
+            }
+        },
+        "input_order": {"required": ["variant", "seed"]},
+        "output": ["MODEL", "CLIP", "VAE"],
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "saved", [["finetune-a", 3], ["finetune-a", 3, "randomize"], ["finetune-a", 3, "fixed"]], ids=["now", "old", "old2"]
+)
+def test_demo_loader_seed_has_no_control_and_old_saves_still_convert(workflows, saved):
+    info = DEMO_LOADER_INFO["DM_DemoCheckpointLoader"]
+    assert workflows.widget_layout(info) == [("variant", 0), ("seed", 0)]
+    graph = workflow(node(1, "DM_DemoCheckpointLoader", saved, outputs=["MODEL", "CLIP", "VAE"]))
+    prompt = workflows.workflow_to_prompt(graph, DEMO_LOADER_INFO)
+    assert prompt["1"]["inputs"] == {"variant": "finetune-a", "seed": 3}
+
+
+def test_trailing_optional_widgets_added_later_may_be_missing(workflows):
+    """A workflow saved before a node gained an optional widget (e.g. the save nodes' overflow) converts; the
+    server then uses that widget's default."""
+    info = {
+        "Saver": {
+            "input": {
+                "required": {"prefix": ["STRING", {}], "dtype": [["fp16", "fp32"], {}]},
+                "optional": {"overflow": [["error", "clamp"], {"default": "error"}]},
+            },
+            "output": [],
+        }
+    }
+    old = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16"])), info)
+    assert old["1"]["inputs"] == {"prefix": "out", "dtype": "fp16"}
+    new = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16", "clamp"])), info)
+    assert new["1"]["inputs"] == {"prefix": "out", "dtype": "fp16", "overflow": "clamp"}
+    with pytest.raises(workflows.WorkflowError, match="1 widget values, expected 3"):
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out"])), info)
+    with pytest.raises(workflows.WorkflowError, match="2 widget values, expected 3"):  # not a dtype: not a shorter save
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "clamp"])), info)
