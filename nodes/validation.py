@@ -13,7 +13,7 @@ import inspect
 import math
 import numbers
 
-from comfy_api.latest import io
+from .compat import io
 
 _CHECKED = "_dm_numbers_checked"
 

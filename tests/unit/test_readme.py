@@ -84,9 +84,20 @@ def load_script(name: str):
         sys.path.remove(str(PACK_ROOT / "scripts"))
 
 
+SCRIPT_VARIABLES = ("COMFYUI_PATH", "VENV")  # what scripts/setup_venv.sh reads from the environment
+
+
 def shell_commands() -> list[list[str]]:
+    """Each README shell line as words, with leading ``NAME=value`` assignments checked and dropped."""
     lines = [line.split("#", 1)[0].strip() for block in SHELL for line in block.splitlines()]
-    return [shlex.split(line) for line in lines if line]
+    commands = []
+    for words in (shlex.split(line) for line in lines if line):
+        while words and "=" in words[0] and not words[0].startswith("-"):
+            name, value = words.pop(0).split("=", 1)
+            assert name in SCRIPT_VARIABLES, f"the README sets {name}, which no script reads"
+            assert name != "COMFYUI_PATH" or (PACK_ROOT / value / "main.py").is_file(), f"no ComfyUI at {value}"
+        commands.append(words)
+    return commands
 
 
 def test_shell_blocks_name_scripts_options_and_urls_that_exist():
