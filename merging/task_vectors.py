@@ -73,6 +73,7 @@ class Difference(DeltaLeaf):
         self._keys = list(finetuned.keys()) if keys is None else [normalise_key(key) for key in keys]
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
         self._buffers = (ReadBuffer(), ReadBuffer(), ReadBuffer())
+        self._inputs: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def keys(self) -> Sequence[str]:
         return self._keys
@@ -86,12 +87,26 @@ class Difference(DeltaLeaf):
         base = read_tensor(self.base, key, base_buffer).to(device=device)
         return delta.sub_(as_float32(base, upcast_buffer))
 
-    def compute_into(self, key: str, out: torch.Tensor) -> None:
-        """finetuned − base written into ``out`` (fp32, the key's shape) without a fresh fp32 tensor."""
-        finetuned_buffer, base_buffer, upcast_buffer = self._buffers
-        out.copy_(read_tensor(self.finetuned, key, finetuned_buffer))
-        base = read_tensor(self.base, key, base_buffer).to(device=out.device)
-        out.sub_(as_float32(base, upcast_buffer))
+    def compute_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """finetuned − base written into ``out`` (fp32) without a fresh fp32 tensor: the whole key (``out`` has
+        its shape), or entries [start, start + out.numel()) of the flattened key.
+
+        A range from ``start`` 0 reads both inputs; later ranges of the same key reuse them, so a key can be
+        computed piece by piece in order (with no other key in between) while each piece is in the caches.
+        """
+        if start == 0 or self._inputs is None or self._inputs[0] != key:
+            finetuned_buffer, base_buffer, _ = self._buffers
+            base = read_tensor(self.base, key, base_buffer)
+            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer), base)
+        _, finetuned, base = self._inputs
+        if out.numel() == finetuned.numel():
+            finetuned, base = finetuned.view(out.shape), base.view(out.shape)
+        else:
+            finetuned = finetuned.reshape(-1)[start : start + out.numel()]
+            base = base.reshape(-1)[start : start + out.numel()]
+        out.copy_(finetuned)
+        # fp16/bf16 bases are upcast into a reused buffer first (a mixed-dtype sub_ is ~7x slower on the CPU)
+        out.sub_(as_float32(base.to(device=out.device), self._buffers[2]))
 
     def describe(self) -> dict:
         return {"op": self.label, "finetuned": self.names[0], "base": self.names[1]}
@@ -227,16 +242,23 @@ class TaskVector:
     def delta_into(self, key: str, out: torch.Tensor) -> None:
         """Write the fp32 delta of one key into ``out`` (its shape, on its device).
 
-        A plain difference (one term, coefficient 1, non-finite values raising) is computed in place; its
-        NaN/Inf check is left to the caller, which checks whole chunks (:func:`merging.chunks.gather`).
+        A plain difference (see :meth:`plain_difference`) is computed in place; its NaN/Inf check is left to
+        the caller, which checks whole chunks (:func:`merging.chunks.gather`).
         """
-        terms = [(c, leaf) for c, leaf in self.terms if c != 0.0 and key in leaf]
         with torch.no_grad():
-            plain = len(terms) == 1 and terms[0][0] == 1.0 and isinstance(terms[0][1], Difference)
-            if plain and self.nonfinite == "error":
-                terms[0][1].compute_into(key, out)
+            plain = self.plain_difference(key)
+            if plain is not None:
+                plain.compute_into(key, out)
                 return
             out.copy_(self._sum_of_terms(key, out.device))
+
+    def plain_difference(self, key: str) -> Difference | None:
+        """The leaf when this key's delta is one :class:`Difference` as it is (coefficient 1, non-finite values
+        raising): then it can be computed in place, even a range of it at a time; else None."""
+        terms = [(c, leaf) for c, leaf in self.terms if c != 0.0 and key in leaf]
+        if len(terms) == 1 and terms[0][0] == 1.0 and isinstance(terms[0][1], Difference):
+            return terms[0][1] if self.nonfinite == "error" else None
+        return None
 
     def _sum_of_terms(self, key: str, device: torch.device) -> torch.Tensor:
         total = None
