@@ -1,6 +1,6 @@
 """The pack's ComfyUI nodes (V3): thin glue between ComfyUI objects and the ``merging`` library."""
 
-from . import checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
+from . import blocks, checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
 from .comfy_bridge import register_task_vector_folder
 from .compat import ComfyExtension, io
 
@@ -11,6 +11,7 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *task_vectors.NODES,
     *lora_extract.NODES,
     *merge.NODES,
+    *blocks.NODES,
     *checkpoints.NODES,
     *recipes.NODES,
     *routing.NODES,

@@ -490,6 +490,43 @@ def merge_workflow(name: str) -> Callable[[Graph], None]:
     return build
 
 
+BLOCK_WEIGHTS_NOTE = """\
+Block weights: how much of the merged change each block of the model gets.
+
+1. "Model Blocks" shows the base's architecture and its block groups (SD 1.5: embed, IN00–IN11, M00, \
+OUT00–OUT11, final), with the keys and parameters of each.
+
+2. Click "block weights…" under the merge node's weight_rules: one slider per block group of the model feeding \
+"base" (read from the loader's file: SD1.x/SD2, SDXL, SD3, Flux, Wan 2.1/2.2, Qwen-Image). Moving a slider writes a \
+line such as "@IN01 = 0.5" into weight_rules; the workflow saves only that text, and you can edit it by hand.
+
+3. Here the merge keeps half of the change in the first two input blocks, 80 % in the first (deepest) two output \
+blocks and 90 % of every cross-attention weight (a regex rule). 0 leaves a block as the base has it.
+
+A block the model does not have (e.g. @IN11 on SDXL, which ends at IN08) stops the merge with a list of the real \
+ones. No checkpoints at hand? The demo and tests swap in "Load Demo Checkpoint (tiny, built in)".
+"""
+BLOCK_RULES = "@IN00 = 0.5\n@IN01 = 0.5\n@OUT00 = 0.8\n@OUT01 = 0.8\nattn2 = 0.9"
+
+
+def merge_block_weights(g: Graph) -> None:
+    """Two SD 1.5 fine-tunes merged with per-block weights; Model Blocks lists the groups."""
+    g.note(BLOCK_WEIGHTS_NOTE, column=0, size=(400, 560))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    stack = stacked_task_vectors(g, base, FINETUNE_NAMES, (1.0, 1.0))
+    g.node("DM_ModelBlocks", 3, size=(360, 420), model=base["MODEL"])
+    merged = g.node(
+        "DM_MergeTaskArithmetic",
+        3,
+        size=(360, 260),
+        base=base["MODEL"],
+        task_vectors=stack,
+        lam=1.0,
+        weight_rules=BLOCK_RULES,
+    )
+    sample_and_save(g, 4, merged["MODEL"], base["CLIP"], base["VAE"], "merge_block_weights")
+
+
 DEME_NOTE = """\
 DeMe merge: four timestep-range experts of one base, merged by weighted task arithmetic.
 
@@ -959,6 +996,7 @@ WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
     "lora_extract": lora_extract,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
+    "merge_block_weights": merge_block_weights,
     "recipe_rerun": recipe_rerun,
     "deme_merge": deme_merge,
     "routing_two_experts": routing_two_experts,

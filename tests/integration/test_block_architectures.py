@@ -242,3 +242,37 @@ def test_each_block_rule_matches_exactly_its_group(built):
         pattern = re.compile(blocks.block_pattern(group))
         matched = sorted(key.removeprefix("diffusion_model.") for key in keys if pattern.search(key))
         assert matched == sorted(paths), f"@{group} matches other keys than its group"
+
+
+# -- the Model Blocks node --------------------------------------------------------------------------
+
+
+def test_model_blocks_node_lists_the_groups_and_their_sizes(tiny_sd15, tiny_flux):
+    import json
+
+    from diffusion_merge.nodes.blocks import ModelBlocks
+
+    for build, arch, names in (
+        (tiny_sd15, "sd1", ["embed", "IN00", "IN01", "OUT00", "OUT01", "final"]),
+        (tiny_flux, "flux", ["embed", "D00", "S00", "final"]),
+    ):
+        model = build()
+        output = ModelBlocks.execute(model)
+        summary = json.loads(output.result[0])
+        assert summary["architecture"] == arch and list(summary["groups"]) == names and not summary["ungrouped"]
+        total = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        assert sum(group["parameters"] for group in summary["groups"].values()) == total
+        text = output.ui.as_dict()["text"][0]
+        assert text.splitlines()[1].strip() == blocks.describe_groups(names)
+
+
+def test_model_blocks_node_names_what_it_found_in_an_unknown_model(tiny_sd15):
+    from diffusion_merge.nodes.blocks import ModelBlocks
+
+    model = tiny_sd15()
+    with pytest.raises(blocks.UnknownArchitecture, match="top-level modules: input_blocks, out, output_blocks"):
+        patched = model.clone()
+        patched.get_key_patches = lambda prefix=None: {  # a model whose keys name no known family
+            key: value for key, value in model.get_key_patches(prefix).items() if "time_embed" not in key
+        }
+        ModelBlocks.execute(patched)
