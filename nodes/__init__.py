@@ -1,6 +1,18 @@
 """The pack's ComfyUI nodes (V3): thin glue between ComfyUI objects and the ``merging`` library."""
 
-from . import blocks, checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
+from . import (
+    blocks,
+    checkpoints,
+    demo,
+    demo_wan,
+    lora_extract,
+    merge,
+    recipes,
+    routing,
+    superdiff,
+    task_vectors,
+    training,
+)
 from .comfy_bridge import register_task_vector_folder
 from .compat import ComfyExtension, io
 
@@ -18,6 +30,7 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *superdiff.NODES,
     *training.NODES,
     *demo.NODES,
+    *demo_wan.NODES,
 ]
 
 
