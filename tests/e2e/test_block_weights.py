@@ -80,6 +80,8 @@ def test_route_reads_a_checkpoint_header_and_a_diffusion_model_header(server, mo
 def test_route_gives_demo_and_preset_groups(server):
     status, demo = blocks(server, demo="DM_DemoCheckpointLoader")
     assert status == 200 and [group["name"] for group in demo["groups"]] == DEMO_GROUPS
+    status, wan = blocks(server, demo="DM_DemoWanLoader")
+    assert status == 200 and [group["name"] for group in wan["groups"]] == ["embed", "B00", "B01", "final"]
     status, flux = blocks(server, architecture="flux", preset="Flux.1 dev / schnell")
     assert status == 200 and len(flux["groups"]) == 1 + 19 + 38 + 1
 
