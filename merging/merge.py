@@ -33,6 +33,7 @@ import torch
 
 from . import consensus, drm, sparsify
 from . import device as devices
+from .blocks import check_blocks_exist
 from .chunks import (
     CHUNK_NUMEL,
     Block,
@@ -98,11 +99,13 @@ def iter_merged(
     ``throw_exception_if_processing_interrupted``) or return True, which raises :class:`MergeCancelled`.
 
     Everything is validated before this returns (raises ValueError: unknown method or parameter, values
-    out of range, empty set, shape mismatches); NaN/Inf deltas raise ValueError when their chunk is read.
+    out of range, empty set, shape mismatches, a ``block_weights`` name that matches no key); NaN/Inf deltas
+    raise ValueError when their chunk is read.
     """
     sources = as_sources(task_vectors)
     config = resolve_merge(method, len(sources), **params)
     shapes = union_shapes(sources)
+    check_blocks_exist(config.params["block_weights"] or {}, shapes)
     if chunk_numel < 1:
         raise ValueError(f"chunk_numel must be positive, not {chunk_numel}")
     run = _MergeRun(config, sources, shapes, _device(device), progress, should_stop, chunk_numel)

@@ -87,8 +87,10 @@ def _rules_input() -> io.Input:
         default="",
         multiline=True,
         optional=True,
-        tooltip="Optional per-key multipliers, one per line: 'regex = 0.5' or a block preset '@input = 0.5' "
-        "(@input, @middle, @output for SD1/SDXL; @double, @single for Flux). Rules multiply.",
+        tooltip="Optional per-key multipliers, one per line: 'regex = 0.5' or a named block '@IN04 = 0.5' "
+        "(embed, IN00…, M00, OUT00… for SD1/SDXL; J00… SD3; D00…, S00… Flux; B00… Wan; T00… Qwen-Image; final; "
+        "or the coarse @input, @middle, @output, @double, @single). Rules multiply. The 'block weights' "
+        "button edits the named blocks with one slider each.",
     )
 
 

@@ -30,6 +30,10 @@ MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 DEMO_LOADER = "DM_DemoCheckpointLoader"
 DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b", "finetune-c", "finetune-d")
 DEMO_LATENT_SIZE = 64
+DEMO_WAN_LOADER = "DM_DemoWanLoader"
+DEMO_VIDEO_LENGTH = 1
+# Wan's separate loaders and the output of DM_DemoWanLoader (MODEL, CLIP, VAE) their output 0 becomes.
+WAN_LOADER_SLOTS = {"UNETLoader": 0, "CLIPLoader": 1, "VAELoader": 2}
 DEMO_TRAINER = "DM_TrainRangeExpertLoRA"
 DEMO_TRAINING_STEPS = 4
 
@@ -254,7 +258,8 @@ def use_demo_models(prompt: dict) -> dict:
     Every ``CheckpointLoaderSimple`` becomes the pack's tiny built-in ``DM_DemoCheckpointLoader``
     (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
     else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64, and
-    the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps.
+    the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps. Wan's separate loaders become the tiny
+    built-in Wan experts (``_use_demo_wan``).
     """
     demo = copy.deepcopy(prompt)
     finetunes = iter(DEMO_FINETUNE_VARIANTS)
@@ -273,4 +278,46 @@ def use_demo_models(prompt: dict) -> dict:
                     node["inputs"][side] = DEMO_LATENT_SIZE
         elif node["class_type"] == DEMO_TRAINER and isinstance(node["inputs"].get("steps"), int):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], DEMO_TRAINING_STEPS)
+    _use_demo_wan(demo)
     return demo
+
+
+def _use_demo_wan(demo: dict) -> None:
+    """Wan's loaders (``UNETLoader``, ``CLIPLoader`` type wan, a Wan ``VAELoader``) become ``DM_DemoWanLoader``
+    and the nodes they fed are re-linked to its MODEL, CLIP or VAE output; ``EmptyHunyuanLatentVideo`` shrinks
+    to 64×64, one latent frame. A diffusion model's file name picks the expert: ``low_noise`` → the low-noise
+    one, else (``high_noise``, or a single Wan 2.1 model) the high-noise one."""
+    moved: dict[str, int] = {}
+    for node_id, node in demo.items():
+        kind = node["class_type"]
+        if kind in WAN_LOADER_SLOTS:
+            expert = _wan_expert(node_id, node)
+            title = node.get("_meta", {}).get("title", kind)
+            node["class_type"] = DEMO_WAN_LOADER
+            node["inputs"] = {"expert": expert, "seed": 0}
+            node["_meta"] = {"title": f"{title} (demo: Wan {expert})"}
+            moved[node_id] = WAN_LOADER_SLOTS[kind]
+        elif kind == "EmptyHunyuanLatentVideo":
+            for name, size in (
+                ("width", DEMO_LATENT_SIZE),
+                ("height", DEMO_LATENT_SIZE),
+                ("length", DEMO_VIDEO_LENGTH),
+            ):
+                if not isinstance(node["inputs"].get(name), list):
+                    node["inputs"][name] = size
+    for node in demo.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in moved and value[1] == 0:
+                node["inputs"][name] = [value[0], moved[value[0]]]
+
+
+def _wan_expert(node_id: str, node: dict) -> str:
+    """The demo Wan expert that stands in for one of Wan's loaders (WorkflowError for a non-Wan one)."""
+    inputs = node["inputs"]
+    name = str(inputs.get("unet_name") or inputs.get("vae_name") or inputs.get("clip_name") or "").lower()
+    is_wan = inputs.get("type") == "wan" if node["class_type"] == "CLIPLoader" else "wan" in name
+    if not is_wan:
+        raise WorkflowError(
+            f"node {node_id} ({node['class_type']} '{name}'): the demo has stand-ins for Wan's separate loaders only"
+        )
+    return "low_noise" if "low_noise" in name else "high_noise"
