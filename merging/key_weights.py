@@ -1,8 +1,8 @@
-"""Per-key multipliers on the merged delta: regular expressions and named block presets.
+"""Per-key multipliers on the merged delta: regular expressions and named blocks.
 
 A key's multiplier is the product of every matching ``key_weights`` rule and of its block's entry in
-``block_weights``; keys nothing matches keep 1. Block presets name the top-level blocks of the
-architectures ComfyUI loads, matched on key names (any prefix such as ``diffusion_model.`` is allowed):
+``block_weights``; keys nothing matches keep 1. Block names are matched on key names (any prefix such as
+``diffusion_model.`` is allowed). The coarse presets:
 
 ========  ==========================  ====================
 name      SD1.x / SD2 / SDXL UNet      Flux
@@ -13,6 +13,9 @@ output    ``output_blocks.*``
 double                                 ``double_blocks.*``
 single                                 ``single_blocks.*``
 ========  ==========================  ====================
+
+and one name per block of SD1.x/SD2, SDXL, SD3, Flux, Wan 2.1/2.2 and Qwen-Image (``embed``, ``IN04``,
+``M00``, ``OUT03``, ``J12``, ``D05``, ``S20``, ``B17``, ``T30``, ``final``): see :mod:`merging.blocks`.
 """
 
 from __future__ import annotations
@@ -21,13 +24,9 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-BLOCK_PRESETS: dict[str, str] = {
-    "input": r"(^|\.)input_blocks\.",
-    "middle": r"(^|\.)middle_block\.",
-    "output": r"(^|\.)output_blocks\.",
-    "double": r"(^|\.)double_blocks\.",
-    "single": r"(^|\.)single_blocks\.",
-}
+from .blocks import LEGACY_PRESETS, NAMING_HELP, block_pattern, canonical_block_name
+
+BLOCK_PRESETS: dict[str, str] = LEGACY_PRESETS  # the coarse presets (named blocks: merging.blocks)
 
 
 def compile_key_weights(
@@ -45,9 +44,11 @@ def compile_key_weights(
             raise ValueError(f"key_weights: '{pattern}' is not a valid regular expression: {error}") from None
         rules.append((compiled, _finite(multiplier, f"key_weights multiplier for '{pattern}'")))
     for name, multiplier in (block_weights or {}).items():
-        if name not in BLOCK_PRESETS:
-            raise ValueError(f"block_weights: unknown block '{name}' (known: {', '.join(BLOCK_PRESETS)})")
-        rules.append((re.compile(BLOCK_PRESETS[name]), _finite(multiplier, f"block_weights['{name}']")))
+        try:
+            pattern = block_pattern(name)
+        except (ValueError, AttributeError):
+            raise ValueError(f"block_weights: unknown block {name!r} (known: {NAMING_HELP})") from None
+        rules.append((re.compile(pattern), _finite(multiplier, f"block_weights['{name}']")))
     return tuple(rules)
 
 
@@ -65,9 +66,11 @@ def _finite(value, what: str) -> float:
 def parse_weight_rules(text: str) -> tuple[list[tuple[str, float]], dict[str, float]]:
     """Parse one rule per line into (key_weights, block_weights) — the form the merge nodes take.
 
-    ``regex = multiplier`` scales keys matching the regex; ``@block = multiplier`` uses a preset
-    (``@input``, ``@middle``, ``@output``, ``@double``, ``@single``). Blank lines and ``#`` comments are
-    ignored. Example: ``@input = 0.5`` and ``attn2 = 0`` (keep cross-attention out of the merge).
+    ``regex = multiplier`` scales keys matching the regex; ``@block = multiplier`` scales a named block: a
+    coarse preset (``@input``, ``@middle``, ``@output``, ``@double``, ``@single``) or one block of
+    :mod:`merging.blocks` (``@embed``, ``@IN04``, ``@M00``, ``@D05``, ``@B17``, ``@final`` …). Blank lines and
+    ``#`` comments are ignored. Example: ``@input = 0.5`` and ``attn2 = 0`` (keep cross-attention out of the
+    merge). A later line for the same block replaces an earlier one; regex lines all apply.
     """
     key_weights: list[tuple[str, float]] = []
     block_weights: dict[str, float] = {}
@@ -84,9 +87,14 @@ def parse_weight_rules(text: str) -> tuple[list[tuple[str, float]], dict[str, fl
             raise ValueError(
                 f"weight rule line {number} ('{raw.strip()}') must look like 'regex = 0.5' or '@input = 0.5'"
             )
+        if not math.isfinite(multiplier):
+            raise ValueError(f"weight rule line {number} ('{raw.strip()}'): the multiplier must be a finite number")
         pattern = pattern.strip()
         if pattern.startswith("@"):
-            block_weights[pattern[1:]] = multiplier
+            try:
+                block_weights[canonical_block_name(pattern[1:])] = multiplier
+            except ValueError as error:
+                raise ValueError(f"weight rule line {number} ('{raw.strip()}'): {error}") from None
         else:
             key_weights.append((pattern, multiplier))
     compile_key_weights(key_weights, block_weights)  # validates regexes, block names and numbers now

@@ -44,7 +44,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ import torch
 
 from .device import best_device
 from .file_identity import FileOrigin
-from .io import DTYPE_NAMES, SafetensorsFile, parse_dtype
+from .io import DTYPE_NAMES, SafetensorsFile, new_partial_file, parse_dtype, remove_stale_partials
 from .lora import lora_delta
 from .task_vector_files import _parameter_key, saved_key
 from .task_vectors import DeltaLeaf, TaskVector
@@ -531,8 +530,8 @@ class _SpooledSafetensors:
         self.entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]] = []
         self.parameters = 0
         self._offset = 0
-        descriptor, spool = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".spool")
-        self._spool_path = Path(spool)
+        remove_stale_partials(path.parent)
+        descriptor, self._spool_path = new_partial_file(path)  # locked while open (see merging.io)
         self._spool = os.fdopen(descriptor, "w+b")
 
     def __enter__(self) -> _SpooledSafetensors:
@@ -557,7 +556,7 @@ class _SpooledSafetensors:
         raw += b" " * (-len(raw) % 8)
         self._spool.flush()
         self._spool.seek(0)
-        descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        descriptor, temporary = new_partial_file(self.path)
         try:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(struct.pack("<Q", len(raw)))

@@ -33,15 +33,20 @@ import torch
 
 from . import consensus, drm, sparsify
 from . import device as devices
+from .blocks import check_blocks_exist
 from .chunks import (
     CHUNK_NUMEL,
+    Block,
     Chunk,
     ChunkTables,
     FiniteCheck,
     Scratch,
     as_sources,
+    cpu_block_columns,
     gather,
+    gather_block,
     gather_row,
+    plan_blocks,
     plan_chunks,
     union_shapes,
 )
@@ -94,11 +99,13 @@ def iter_merged(
     ``throw_exception_if_processing_interrupted``) or return True, which raises :class:`MergeCancelled`.
 
     Everything is validated before this returns (raises ValueError: unknown method or parameter, values
-    out of range, empty set, shape mismatches); NaN/Inf deltas raise ValueError when their chunk is read.
+    out of range, empty set, shape mismatches, a ``block_weights`` name that matches no key); NaN/Inf deltas
+    raise ValueError when their chunk is read.
     """
     sources = as_sources(task_vectors)
     config = resolve_merge(method, len(sources), **params)
     shapes = union_shapes(sources)
+    check_blocks_exist(config.params["block_weights"] or {}, shapes)
     if chunk_numel < 1:
         raise ValueError(f"chunk_numel must be positive, not {chunk_numel}")
     run = _MergeRun(config, sources, shapes, _device(device), progress, should_stop, chunk_numel)
@@ -116,6 +123,7 @@ class _MergeRun:
         self.config, self.sources, self.shapes, self.device = config, sources, shapes, device
         self.progress, self.should_stop = progress, should_stop
         self.chunk_numel = chunk_numel
+        self.block_columns = cpu_block_columns(len(sources))
         self.scratch = Scratch(device)
         self.finite = FiniteCheck(sources, device)
         self.tables: ChunkTables | None = None
@@ -148,6 +156,11 @@ class _MergeRun:
                 self._weighted_sum_of_rows(chunk, out)
             elif self.config.method.basis == "svd":
                 self._merge_per_key(self._gather(chunk, check=True), out, chunk, thresholds)
+            elif self._in_blocks(for_merge=True):
+                self._check_stop()
+                for block in plan_blocks(chunk, self.block_columns):
+                    stack = self._gather_block(chunk, block, check=True)
+                    self._merge_raw(stack, out[block.span], chunk, thresholds)
             else:
                 self._merge_raw(self._gather(chunk, check=True), out, chunk, thresholds)
             self._scale(out, chunk)
@@ -183,8 +196,14 @@ class _MergeRun:
             # The histograms do not depend on order. The first pass walks the keys backwards, so the merge
             # pass, which walks them forwards, starts on what this pass left in the page cache: inputs larger
             # than RAM are otherwise read from disk in full by every pass.
+            # NaN/inf are not checked here: they land in the histogram's top bins.
             for chunk in reversed(chunks) if next(passes) == 0 else chunks:
-                yield self._gather(chunk, check=False)  # NaN/inf land in the histogram's top bins
+                if self._in_blocks(for_merge=False):
+                    self._check_stop()
+                    for block in plan_blocks(chunk, self.block_columns):
+                        yield self._gather_block(chunk, block, check=False)
+                else:
+                    yield self._gather(chunk, check=False)
                 self._advance(len(chunk.segments))
 
         try:
@@ -221,8 +240,7 @@ class _MergeRun:
         conversion, a scaling and a reduction over the stack. The NaN/Inf test reads the result, into which
         every delta flows.
         """
-        if self.should_stop is not None and self.should_stop():
-            raise MergeCancelled(f"{self.config.method.name} merge cancelled")
+        self._check_stop()
         out.zero_()
         stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
         for task, (source, row) in enumerate(zip(self.sources, stack, strict=True)):
@@ -283,6 +301,17 @@ class _MergeRun:
     def _rule(self) -> sparsify.RankRule:
         return sparsify.RANK_RULES[self.config.method.rank_rule]
 
+    def _in_blocks(self, for_merge: bool) -> bool:
+        """Whether to work in cache-sized blocks (CPU): the threshold passes always, the merge pass when every
+        stage treats each entry on its own (no per-key trim, no DARE counters, no SVD basis)."""
+        if devices.batched_kernels(self.device):
+            return False
+        if not for_merge:
+            return True
+        method = self.config.method
+        per_tensor = self.config.params.get("topk_scope") == "per_tensor"
+        return method.basis == "raw" and method.sparsify != "random" and not per_tensor
+
     def _needs_tables(self) -> bool:
         """Whether a stage works on whole chunks from device tables (DARE; per-key trims on accelerators)."""
         per_tensor = self.config.params.get("topk_scope") == "per_tensor"
@@ -297,11 +326,20 @@ class _MergeRun:
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
         return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
 
-    def _gather(self, chunk: Chunk, check: bool) -> torch.Tensor:
+    def _check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():
             raise MergeCancelled(f"{self.config.method.name} merge cancelled")
+
+    def _gather(self, chunk: Chunk, check: bool) -> torch.Tensor:
+        self._check_stop()
         stack = self.scratch.get("stack", (len(self.sources), chunk.numel))
         gather(self.sources, chunk, self.device, stack)
+        if check:
+            self.finite.record(stack, chunk)
+        return stack
+
+    def _gather_block(self, chunk: Chunk, block: Block, check: bool) -> torch.Tensor:
+        stack = gather_block(self.sources, block, self.scratch.get("stack", (len(self.sources), block.numel)))
         if check:
             self.finite.record(stack, chunk)
         return stack

@@ -37,6 +37,7 @@ def merge_checkpoint_files(
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool | None] | None = None,
+    overflow: str = "error",
     full_hash: bool = False,
     **params: Any,
 ) -> Path:
@@ -44,8 +45,10 @@ def merge_checkpoint_files(
 
     ``method`` and ``params`` are those of :func:`merging.merge_task_vectors`. The diffusion-model keys are
     merged; every other tensor of the base file (text encoder, VAE) is copied. Floating-point tensors are
-    stored in ``dtype``. The merge recipe goes into the metadata, with a re-runnable one naming the input
-    files by hash (:mod:`merging.recipes`; ``full_hash`` adds whole-file SHA-256s). Returns the written path.
+    stored in ``dtype``; a merged weight beyond its range (or NaN/Inf) stops the write naming the key, unless
+    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`). The merge recipe goes into the metadata,
+    with a re-runnable one naming the input files by hash (:mod:`merging.recipes`; ``full_hash`` adds whole-file
+    SHA-256s). Returns the written path.
     """
     target = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     base = SafetensorsFile(base_path)
@@ -91,7 +94,7 @@ def merge_checkpoint_files(
             )
         ),
     }
-    return write_safetensors(output_path, specs, stream(), metadata)
+    return write_safetensors(output_path, specs, stream(), metadata, overflow=overflow)
 
 
 def _spec(file: SafetensorsFile, key: str, target: torch.dtype):

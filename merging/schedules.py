@@ -72,11 +72,16 @@ class Boundary:
 
 @dataclass(frozen=True)
 class SigmaScale:
-    """How one model's sampling maps percent and timestep to σ (and back, for display)."""
+    """How one model's sampling maps percent and timestep to σ (and back, for display).
+
+    ``sigma_max`` is the highest noise level the model samples from (where a full schedule starts); ``inf``
+    when unknown.
+    """
 
     sigma_from_percent: Callable[[float], float]
     sigma_from_timestep: Callable[[float], float]
     timestep_from_sigma: Callable[[float], float]
+    sigma_max: float = math.inf
 
     def to_sigma(self, boundary: Boundary) -> float:
         """The σ a boundary stands for; the 'end of sampling' value of each unit gives 0."""
@@ -130,7 +135,7 @@ def discrete_scale(sigma_table: Sequence[float] | torch.Tensor, sigma_from_perce
     def percent_rule(percent: float) -> float:
         return math.inf if percent <= 0 else sigma_at((1 - percent) * last)
 
-    return SigmaScale(sigma_from_percent or percent_rule, sigma_at, timestep_at)
+    return SigmaScale(sigma_from_percent or percent_rule, sigma_at, timestep_at, math.exp(log_sigmas[-1]))
 
 
 def flow_scale(sigma_from_percent: Callable[[float], float]) -> SigmaScale:
@@ -154,10 +159,21 @@ class ExpertRange:
 
 
 def resolve_ends(boundaries: Sequence[Boundary], scale: SigmaScale) -> list[float]:
-    """Each expert's end in σ, checked to tile (strictly decreasing); see the module docstring."""
+    """Each expert's end in σ, checked to tile (strictly decreasing); see the module docstring.
+
+    Every range must be able to hold a step: the first expert must stop below the model's ``sigma_max`` (where
+    sampling starts), each later one below the one before.
+    """
     if not boundaries:
         raise ValueError("no experts: connect at least one expert")
     ends = [scale.to_sigma(boundary) for boundary in boundaries]
+    if not _above(scale.sigma_max, ends[0]):
+        after = ": expert 2 would run every step" if len(ends) > 1 else ""
+        raise ValueError(
+            f"expert 1 stops at {boundaries[0].describe()} (σ {ends[0]:.4g}), which is not below where sampling "
+            f"starts (this model's highest σ is {scale.sigma_max:.4g}): its range would be empty{after}. Let it "
+            "stop at a lower σ (a higher percent, a lower timestep)."
+        )
     for index in range(1, len(ends)):
         if ends[index] >= ends[index - 1]:
             raise ValueError(

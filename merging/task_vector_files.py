@@ -76,12 +76,15 @@ def save_task_vector(
     metadata: Mapping[str, str] | None = None,
     device: torch.device | str | None = None,
     progress=None,
+    overflow: str = "error",
     full_hash: bool = False,
 ) -> Path:
     """Write a task vector key by key, atomically, loadable by ComfyUI's stock LoRA loaders.
 
-    ``progress`` (optional) is called with the number of keys written so far after each key. The metadata
-    holds a re-runnable recipe (:mod:`merging.recipes`; ``full_hash`` adds whole-file SHA-256s of its inputs).
+    ``progress`` (optional) is called with the number of keys written so far after each key. A delta with
+    values beyond ``dtype``'s range (e.g. > 65504 in fp16) stops the save naming the key, unless
+    ``overflow="clamp"`` (see :func:`merging.io.write_safetensors`). The metadata holds a re-runnable recipe
+    (:mod:`merging.recipes`; ``full_hash`` adds whole-file SHA-256s of its inputs).
     """
     from .recipes import RECIPE_METADATA_KEY, recipe_of  # recipes imports this module
 
@@ -103,7 +106,7 @@ def save_task_vector(
     }
 
     stream = ((saved_key(key), vector.delta(key, device)) for key in keys)
-    return write_safetensors(path, specs, stream, header, progress)
+    return write_safetensors(path, specs, stream, header, progress, overflow)
 
 
 def load_task_vector(path: str | os.PathLike, nonfinite: str = "error") -> TaskVector:

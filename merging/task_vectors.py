@@ -19,7 +19,7 @@ import torch
 
 from .device import best_device
 from .io import ReadBuffer, as_float32, read_tensor, shape_of
-from .keys import fingerprint, select_keys
+from .keys import check_shared_keys, fingerprint, normalise_key, normalised, select_keys
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,12 @@ class Difference(DeltaLeaf):
         keys: Sequence[str] | None = None,
         names: tuple[str, str] = ("finetuned", "base"),
     ):
+        finetuned, base = normalised(finetuned, names[0]), normalised(base, names[1])
         self.finetuned, self.base, self.names = finetuned, base, names
-        self._keys = list(finetuned.keys()) if keys is None else list(keys)
+        self._keys = list(finetuned.keys()) if keys is None else [normalise_key(key) for key in keys]
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
         self._buffers = (ReadBuffer(), ReadBuffer(), ReadBuffer())
+        self._inputs: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def keys(self) -> Sequence[str]:
         return self._keys
@@ -85,12 +87,26 @@ class Difference(DeltaLeaf):
         base = read_tensor(self.base, key, base_buffer).to(device=device)
         return delta.sub_(as_float32(base, upcast_buffer))
 
-    def compute_into(self, key: str, out: torch.Tensor) -> None:
-        """finetuned − base written into ``out`` (fp32, the key's shape) without a fresh fp32 tensor."""
-        finetuned_buffer, base_buffer, upcast_buffer = self._buffers
-        out.copy_(read_tensor(self.finetuned, key, finetuned_buffer))
-        base = read_tensor(self.base, key, base_buffer).to(device=out.device)
-        out.sub_(as_float32(base, upcast_buffer))
+    def compute_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """finetuned − base written into ``out`` (fp32) without a fresh fp32 tensor: the whole key (``out`` has
+        its shape), or entries [start, start + out.numel()) of the flattened key.
+
+        A range from ``start`` 0 reads both inputs; later ranges of the same key reuse them, so a key can be
+        computed piece by piece in order (with no other key in between) while each piece is in the caches.
+        """
+        if start == 0 or self._inputs is None or self._inputs[0] != key:
+            finetuned_buffer, base_buffer, _ = self._buffers
+            base = read_tensor(self.base, key, base_buffer)
+            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer), base)
+        _, finetuned, base = self._inputs
+        if out.numel() == finetuned.numel():
+            finetuned, base = finetuned.view(out.shape), base.view(out.shape)
+        else:
+            finetuned = finetuned.reshape(-1)[start : start + out.numel()]
+            base = base.reshape(-1)[start : start + out.numel()]
+        out.copy_(finetuned)
+        # fp16/bf16 bases are upcast into a reused buffer first (a mixed-dtype sub_ is ~7x slower on the CPU)
+        out.sub_(as_float32(base.to(device=out.device), self._buffers[2]))
 
     def describe(self) -> dict:
         return {"op": self.label, "finetuned": self.names[0], "base": self.names[1]}
@@ -122,7 +138,7 @@ class StoredDeltas(DeltaLeaf):
     label = "stored"
 
     def __init__(self, deltas: Mapping[str, torch.Tensor], name: str = "deltas"):
-        self.deltas, self.name = deltas, name
+        self.deltas, self.name = normalised(deltas, name), name
         self._keys = list(deltas.keys())
 
     def keys(self) -> Sequence[str]:
@@ -226,16 +242,23 @@ class TaskVector:
     def delta_into(self, key: str, out: torch.Tensor) -> None:
         """Write the fp32 delta of one key into ``out`` (its shape, on its device).
 
-        A plain difference (one term, coefficient 1, non-finite values raising) is computed in place; its
-        NaN/Inf check is left to the caller, which checks whole chunks (:func:`merging.chunks.gather`).
+        A plain difference (see :meth:`plain_difference`) is computed in place; its NaN/Inf check is left to
+        the caller, which checks whole chunks (:func:`merging.chunks.gather`).
         """
-        terms = [(c, leaf) for c, leaf in self.terms if c != 0.0 and key in leaf]
         with torch.no_grad():
-            plain = len(terms) == 1 and terms[0][0] == 1.0 and isinstance(terms[0][1], Difference)
-            if plain and self.nonfinite == "error":
-                terms[0][1].compute_into(key, out)
+            plain = self.plain_difference(key)
+            if plain is not None:
+                plain.compute_into(key, out)
                 return
             out.copy_(self._sum_of_terms(key, out.device))
+
+    def plain_difference(self, key: str) -> Difference | None:
+        """The leaf when this key's delta is one :class:`Difference` as it is (coefficient 1, non-finite values
+        raising): then it can be computed in place, even a range of it at a time; else None."""
+        terms = [(c, leaf) for c, leaf in self.terms if c != 0.0 and key in leaf]
+        if len(terms) == 1 and terms[0][0] == 1.0 and isinstance(terms[0][1], Difference):
+            return terms[0][1] if self.nonfinite == "error" else None
+        return None
 
     def _sum_of_terms(self, key: str, device: torch.device) -> torch.Tensor:
         total = None
@@ -284,8 +307,16 @@ class TaskVector:
         return self.scale(-1.0)
 
     def __add__(self, other: TaskVector) -> TaskVector:
+        """τ_a + τ_b; refused when their key sets barely meet (see :func:`merging.keys.check_shared_keys`),
+        unless both were extracted from one base architecture (e.g. two key-filtered parts of one model)."""
         if not isinstance(other, TaskVector):
             return NotImplemented
+        if not same_architecture(self.base_fingerprint, other.base_fingerprint):
+            check_shared_keys(self.keys(), other.keys(), ("the first task vector", "the second task vector"))
+        return self.join(other)
+
+    def join(self, other: TaskVector) -> TaskVector:
+        """τ_a + τ_b without the key check: for parts of one model (diffusion model, text encoder, projections)."""
         if self.base_fingerprint and other.base_fingerprint and self.base_fingerprint != other.base_fingerprint:
             logger.warning(
                 "adding task vectors extracted from different base models (%s vs %s)",
@@ -300,6 +331,7 @@ class TaskVector:
         )
 
     def __sub__(self, other: TaskVector) -> TaskVector:
+        """τ_a − τ_b, refused like :meth:`__add__` when the key sets barely meet."""
         if not isinstance(other, TaskVector):
             return NotImplemented
         return self + (-other)
@@ -311,6 +343,11 @@ class TaskVector:
 
     def _with_terms(self, terms) -> TaskVector:
         return TaskVector(terms, self.base_fingerprint, self.nonfinite, self.sources)
+
+
+def same_architecture(first: str | None, second: str | None) -> bool:
+    """Whether two base fingerprints (``<architecture>-<weights>``) name the same architecture."""
+    return bool(first and second) and first.split("-")[0] == second.split("-")[0]
 
 
 class _Selected(DeltaLeaf):
@@ -344,6 +381,7 @@ def extract_task_vector(
     ``key_filter`` is a regular expression; only matching keys are kept. Shapes and key sets are checked
     now, values only when a key is read.
     """
+    finetuned, base = normalised(finetuned, names[0]), normalised(base, names[1])
     keys = None
     if key_filter:
         keys = select_keys(finetuned.keys(), key_filter)
@@ -363,7 +401,11 @@ def extract_task_vector(
 def task_vector(
     finetuned: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], key_filter: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """finetuned − base for in-memory key→tensor mappings, as a dict of fp32 CPU tensors."""
+    """finetuned − base for in-memory key→tensor mappings, as a dict of fp32 CPU tensors.
+
+    Keys are named as everywhere in the library: a checkpoint state dict's ``model.diffusion_model.…`` keys come
+    out as ``diffusion_model.…`` (what :func:`merging.task_vector_from_files` gives); other keys keep their names.
+    """
     return extract_task_vector(finetuned, base, key_filter=key_filter).to_dict()
 
 
@@ -372,13 +414,19 @@ def apply_task_vector(
     vector: TaskVector | Mapping[str, torch.Tensor],
     strength: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """θ + strength·τ key by key, each result in the weight's own dtype; keys τ lacks are returned as-is."""
+    """θ + strength·τ key by key, each result in the weight's own dtype; keys τ lacks are returned as-is.
+
+    ``weights`` keep their own key names (a checkpoint's ``model.diffusion_model.…`` included); they are matched
+    to τ's keys after normalisation. Refused when fewer than half of τ's keys name a weight.
+    """
     if not isinstance(vector, TaskVector):
-        vector = TaskVector(((1.0, StoredDeltas(vector)),))
+        vector = TaskVector(((1.0, StoredDeltas(vector, "task vector")),))
+    names = {key: normalise_key(key) for key in weights.keys()}
+    check_shared_keys(vector.keys(), names.values(), ("the task vector", "the weights"))
     merged = {}
     for key, weight in weights.items():
-        if key in vector:
-            delta = vector.delta(key, weight.device)
+        if names[key] in vector:
+            delta = vector.delta(names[key], weight.device)
             merged[key] = (weight.to(torch.float32) + strength * delta).to(weight.dtype)
         else:
             merged[key] = weight

@@ -1,8 +1,21 @@
 """The pack's ComfyUI nodes (V3): thin glue between ComfyUI objects and the ``merging`` library."""
 
-from . import checkpoints, demo, lora_extract, merge, recipes, routing, superdiff, task_vectors, training
+from . import (
+    blocks,
+    checkpoints,
+    demo,
+    demo_wan,
+    lora_extract,
+    merge,
+    recipes,
+    routing,
+    superdiff,
+    task_vectors,
+    training,
+)
 from .comfy_bridge import register_task_vector_folder
 from .compat import ComfyExtension, io
+from .validation import refuse_nonfinite_numbers
 
 register_task_vector_folder()
 recipes.register_recipe_folder()
@@ -11,13 +24,17 @@ ALL_NODES: list[type[io.ComfyNode]] = [
     *task_vectors.NODES,
     *lora_extract.NODES,
     *merge.NODES,
+    *blocks.NODES,
     *checkpoints.NODES,
     *recipes.NODES,
     *routing.NODES,
     *superdiff.NODES,
     *training.NODES,
     *demo.NODES,
+    *demo_wan.NODES,
 ]
+for _node in ALL_NODES:  # every FLOAT input of every node must be a finite number (see validation.py)
+    refuse_nonfinite_numbers(_node)
 
 
 class DiffusionMergeExtension(ComfyExtension):

@@ -16,7 +16,7 @@ from ..merging.recipes import RECIPE_METADATA_KEY, not_rerunnable_recipe
 from . import comfy_bridge as bridge
 from . import compat
 from .compat import io
-from .types import CATEGORY, DTYPE_CHOICES
+from .types import CATEGORY, DTYPE_CHOICES, overflow_input
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class SaveCheckpointStreaming(io.ComfyNode):
                 ),
                 io.Clip.Input("clip", optional=True, tooltip="Optional text encoder to include (patches applied)."),
                 io.Vae.Input("vae", optional=True, tooltip="Optional VAE to include."),
+                overflow_input(),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -95,14 +96,14 @@ class SaveCheckpointStreaming(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, filename_prefix="checkpoints/merged", dtype="fp16", clip=None, vae=None):
+    def execute(cls, model, filename_prefix="checkpoints/merged", dtype="fp16", clip=None, vae=None, overflow="error"):
         path = bridge.output_path(filename_prefix, default_folder="checkpoints")
         target = parse_dtype(dtype)
         plan = checkpoint_plan(model, clip, vae)
         specs = [(key, output_dtype(tensor, target), tuple(tensor.shape)) for key, tensor, _ in plan]
         metadata = checkpoint_metadata(model, getattr(cls.hidden, "prompt", None), target)
         stream = stream_checkpoint(plan, model, clip, target, mm.get_torch_device())
-        write_safetensors(path, specs, stream, metadata, bridge.KeyProgress(len(plan)))
+        write_safetensors(path, specs, stream, metadata, bridge.KeyProgress(len(plan)), overflow)
         relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())
         return io.NodeOutput(ui={"text": [f"saved {len(plan)} tensors to output/{relative.as_posix()}"]})
 

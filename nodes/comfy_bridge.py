@@ -16,8 +16,8 @@ from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 
 from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
 from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
-from ..merging.io import RenamedMapping, SafetensorsFile
-from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX
+from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
+from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, fingerprint
 from . import projection
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,12 @@ def _is_float(tensor) -> bool:
 def model_weights(model) -> PatchedWeights:
     """A MODEL's diffusion-model weights under ``diffusion_model.…`` names."""
     return PatchedWeights(model, UNET_PREFIX)
+
+
+def model_fingerprint(model) -> str:
+    """The base fingerprint (:func:`merging.keys.fingerprint`) of a MODEL's effective diffusion-model weights."""
+    weights = model_weights(model)
+    return fingerprint(weights, {key: weights.shape_of(key) for key in weights})
 
 
 def clip_weights(clip) -> Mapping[str, torch.Tensor]:
@@ -183,15 +189,13 @@ def apply_to_clip(clip, vector: TaskVector, strength: float):
 
 
 def check_compatible(model, vector: TaskVector, what: str = "model") -> None:
-    """Refuse a task vector whose keys the model lacks or whose shapes differ, naming the first key."""
+    """Refuse a task vector most of whose keys the model lacks, or whose shapes differ, naming keys."""
     weights = model_weights(model)
     unet_keys = [k for k in vector.keys() if k.startswith(UNET_PREFIX)]
     missing = [k for k in unet_keys if k not in weights]
-    if unet_keys and len(missing) == len(unet_keys):
-        raise ValueError(
-            f"the task vector does not fit this {what}: none of its {len(unet_keys)} keys exist in it "
-            f"(e.g. '{missing[0]}') — different architectures?"
-        )
+    check_shared_keys(
+        unet_keys, weights.keys(), ("the task vector", f"this {what}"), f"the task vector does not fit this {what}"
+    )
     for key in unet_keys:
         if key in weights and weights.shape_of(key) != vector.shape(key):
             raise ValueError(
@@ -244,11 +248,15 @@ def lora_task_vector(path: str, model, clip=None) -> TaskVector:
         patched = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), model_key)
         return patched - base
 
-    vector = TaskVector(((1.0, ComputedDeltas(shapes, compute, Path(path).name)),), sources=(Path(path).name,))
+    vector = TaskVector(
+        ((1.0, ComputedDeltas(shapes, compute, Path(path).name)),),
+        base_fingerprint=model_fingerprint(model),
+        sources=(Path(path).name,),
+    )
     companion = companion_path(path)
     if companion.is_file():  # DeMe channel projections trained with the LoRA: their τ is W − I
         deltas = projection_deltas(load_projections(companion))
-        vector = vector + TaskVector(((1.0, StoredDeltas(deltas, companion.name)),), sources=(companion.name,))
+        vector = vector.join(TaskVector(((1.0, StoredDeltas(deltas, companion.name)),), sources=(companion.name,)))
     return vector
 
 
@@ -292,6 +300,23 @@ def resolve_model_file(name: str, *folders: str) -> str:
         if path:
             return path
     raise FileNotFoundError(f"'{name}' was not found in the {' / '.join(folders)} model folders")
+
+
+def files_fingerprint(names_and_folders: list[tuple[str, tuple[str, ...]]]) -> str | float:
+    """A value that changes whenever one of the named model files is rewritten or replaced: what a file-reading
+    node returns from ``fingerprint_inputs``, so that ComfyUI's cache never reuses what an old file gave.
+    NaN (never equal: the node runs again) when a file cannot be found or read; the node then says why."""
+    parts = []
+    for name, folders in names_and_folders:
+        try:
+            path = resolve_model_file(name, *folders)
+            parts.append(f"{path}:{file_fingerprint(path)}")
+            companion = companion_path(path)
+            if companion.is_file():
+                parts.append(f"{companion}:{file_fingerprint(companion)}")
+        except (OSError, ValueError):
+            return float("nan")
+    return "|".join(parts)
 
 
 def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safetensors") -> Path:

@@ -42,7 +42,11 @@ class DemoCheckpointLoader(io.ComfyNode):
                     default=0,
                     min=0,
                     max=2**31 - 1,
-                    tooltip="Seed of the base weights; the same seed always builds the same model.",
+                    # Not a sampling seed: the editor must never randomise it after a run (its legacy rule
+                    # does for INT inputs named "seed"), or the "fine-tunes" would stop sharing the base.
+                    control_after_generate=False,
+                    tooltip="Seed of the base weights; the same seed always builds the same model. Use the "
+                    "same seed on every loader whose models should share one base.",
                 ),
             ],
             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()],

@@ -1,8 +1,8 @@
 """Tiny built-in models with deterministic weights: the demo model and the test models.
 
 No weights can be downloaded where this pack is developed, so examples and tests run on miniature
-SD1.5-architecture and Flux-architecture networks built in memory from a seed. ``finetune`` variants are
-the base plus a seeded change on some blocks, so task vectors between them are meaningful.
+SD1.5-architecture, Flux-architecture and Wan-architecture networks built in memory from a seed. ``finetune``
+variants are the base plus a seeded change on some blocks, so task vectors between them are meaningful.
 """
 
 from __future__ import annotations
@@ -60,6 +60,29 @@ FLUX_TINY = {
     "qkv_bias": True,
     "guidance_embed": True,
 }
+
+# Wan 2.1's network (comfy.supported_models.WAN21_T2V, 16-channel latents: also Wan 2.2 A14B's high- and
+# low-noise experts; WAN22_T2V is the 5B model with 48-channel latents) at a few thousandths of its size. The
+# text width is the tiny CLIP's, which stands in for UMT5-XXL.
+WAN_TINY = {
+    "image_model": "wan2.1",
+    "model_type": "t2v",
+    "patch_size": (1, 2, 2),
+    "text_len": 512,
+    "in_dim": 16,
+    "dim": 64,
+    "ffn_dim": 128,
+    "freq_dim": 64,
+    "text_dim": 64,
+    "out_dim": 16,
+    "num_heads": 2,
+    "num_layers": 2,
+    "window_size": (-1, -1),
+    "qk_norm": True,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+}
+WAN_EXPERTS = ("high_noise", "low_noise")
 
 TINY_CLIP_CONFIG = {
     "hidden_act": "quick_gelu",
@@ -168,6 +191,22 @@ def build_flux(seed: int = 0, variant: str = "base", dtype=torch.float32) -> com
     return _patcher(base_model)
 
 
+def build_wan(
+    seed: int = 0, expert: str = "high_noise", dtype=torch.float32, **config
+) -> comfy.model_patcher.ModelPatcher:
+    """A tiny Wan-architecture video DiT (flow matching, ComfyUI's Wan 2.1 model class) as a MODEL.
+
+    ``expert`` picks one of two independently seeded networks, standing in for Wan 2.2 A14B's high-noise and
+    low-noise experts (two separately trained models of one architecture)."""
+    if expert not in WAN_EXPERTS:
+        raise ValueError(f"unknown Wan expert '{expert}'; choose one of {WAN_EXPERTS}")
+    model_config = comfy.supported_models.WAN21_T2V({**WAN_TINY, **config})
+    model_config.set_inference_dtype(dtype, None)
+    base_model = model_config.get_model({}, device="cpu")
+    init_weights(base_model.diffusion_model, seed + 101 * WAN_EXPERTS.index(expert))
+    return _patcher(base_model)
+
+
 class _TinyClipModel(comfy.sd1_clip.SD1ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
         super().__init__(
@@ -199,3 +238,31 @@ def build_vae(seed: int = 0) -> comfy.sd.VAE:
     vae = comfy.sd.VAE(sd={}, config=TINY_VAE_CONFIG, dtype=torch.float32)
     init_weights(vae.first_stage_model, seed + 2, scale=0.05)
     return vae
+
+
+class _FramesVAE(comfy.sd.VAE):
+    """A VAE that decodes video latents [B, C, T, H, W] frame by frame into [B, T, H, W, 3] images (as ComfyUI's
+    video VAEs return them); image latents decode as usual. With a 16-channel latent it stands in for Wan's
+    VAE, which is far too large to build in a test (and compresses time 4×, which this one does not)."""
+
+    def decode(self, samples_in, *args, **kwargs):
+        if samples_in.ndim != 5:
+            return super().decode(samples_in, *args, **kwargs)
+        batch, channels, frames, height, width = samples_in.shape
+        flat = samples_in.movedim(2, 1).reshape(batch * frames, channels, height, width)
+        images = super().decode(flat, *args, **kwargs)
+        return images.reshape(batch, frames, *images.shape[-3:])
+
+
+def build_video_vae(seed: int = 0, latent_channels: int = 16) -> comfy.sd.VAE:
+    """A tiny KL autoencoder with a ``latent_channels`` latent (8× down-sampling) that also decodes video latents."""
+    params = TINY_VAE_CONFIG["params"]
+    ddconfig = {**params["ddconfig"], "z_channels": latent_channels}
+    config = {"params": {**params, "embed_dim": latent_channels, "ddconfig": ddconfig}}
+    vae = _FramesVAE(sd={}, config=config, dtype=torch.float32)
+    init_weights(vae.first_stage_model, seed + 2, scale=0.05)
+    return vae
+
+
+# Demo loaders whose tiny diffusion model the block-weight editor builds to list its blocks (see blocks_server).
+DEMO_BUILDERS = {"DM_DemoWanLoader": build_wan}

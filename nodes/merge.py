@@ -15,7 +15,6 @@ import comfy.utils
 import torch
 
 from ..merging.key_weights import parse_weight_rules
-from ..merging.keys import fingerprint
 from ..merging.merge import merge_to_task_vector
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
@@ -88,8 +87,10 @@ def _rules_input() -> io.Input:
         default="",
         multiline=True,
         optional=True,
-        tooltip="Optional per-key multipliers, one per line: 'regex = 0.5' or a block preset '@input = 0.5' "
-        "(@input, @middle, @output for SD1/SDXL; @double, @single for Flux). Rules multiply.",
+        tooltip="Optional per-key multipliers, one per line: 'regex = 0.5' or a named block '@IN04 = 0.5' "
+        "(embed, IN00…, M00, OUT00… for SD1/SDXL; J00… SD3; D00…, S00… Flux; B00… Wan; T00… Qwen-Image; final; "
+        "or the coarse @input, @middle, @output, @double, @single). Rules multiply. The 'block weights' "
+        "button edits the named blocks with one slider each.",
     )
 
 
@@ -137,8 +138,7 @@ def warn_on_other_bases(base, vectors: list[TaskVector]) -> None:
     known = [(i, v.base_fingerprint) for i, v in enumerate(vectors, start=1) if v.base_fingerprint]
     if not known:
         return
-    weights = bridge.model_weights(base)
-    base_print = fingerprint(weights, {k: weights.shape_of(k) for k in weights})
+    base_print = bridge.model_fingerprint(base)
     for index, vector_print in known:
         if vector_print != base_print:
             logger.warning(

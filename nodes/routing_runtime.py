@@ -26,6 +26,7 @@ restart sampler, adaptive steps) is run again reading σ where needed, and remem
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import numbers
 from collections import OrderedDict
@@ -108,14 +109,17 @@ def append_expert(experts: tuple[Expert, ...] | None, expert: Expert) -> tuple[E
 def sigma_scale(model_sampling) -> SigmaScale:
     """The :class:`SigmaScale` of a ComfyUI model-sampling object (shift and object patches included)."""
     if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return flow_scale(model_sampling.percent_to_sigma)
-    if type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
-        return discrete_scale(model_sampling.sigmas.detach().cpu(), model_sampling.percent_to_sigma)
-    return SigmaScale(
-        model_sampling.percent_to_sigma,
-        lambda timestep: float(model_sampling.sigma(torch.tensor(float(timestep)))),
-        lambda sigma: float(model_sampling.timestep(torch.tensor(float(sigma)))),
-    )
+        scale = flow_scale(model_sampling.percent_to_sigma)
+    elif type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
+        scale = discrete_scale(model_sampling.sigmas.detach().cpu(), model_sampling.percent_to_sigma)
+    else:
+        scale = SigmaScale(
+            model_sampling.percent_to_sigma,
+            lambda timestep: float(model_sampling.sigma(torch.tensor(float(timestep)))),
+            lambda sigma: float(model_sampling.timestep(torch.tensor(float(sigma)))),
+        )
+    sigma_max = getattr(model_sampling, "sigma_max", None)
+    return scale if sigma_max is None else dataclasses.replace(scale, sigma_max=float(sigma_max))
 
 
 def parameterisation(model_sampling) -> str:

@@ -20,6 +20,7 @@ from .types import (
     key_filter_input,
     nonfinite_input,
     nonfinite_policy,
+    overflow_input,
 )
 
 TV_CATEGORY = f"{CATEGORY}/task_vectors"
@@ -75,14 +76,16 @@ class TaskVectorFromModels(io.ComfyNode):
             raise ValueError("connect both clip_finetuned and clip_base, or neither")
         projections = bridge.projection_task_vector(finetuned, base)
         if projections is not None:
-            vector = vector + projections
+            vector = vector.join(projections)
         if clip_finetuned is not None:
-            vector = vector + extract_task_vector(
-                bridge.clip_weights(clip_finetuned),
-                bridge.clip_weights(clip_base),
-                key_filter=key_filter or None,
-                nonfinite=policy,
-                names=("finetuned CLIP", "base CLIP"),
+            vector = vector.join(
+                extract_task_vector(
+                    bridge.clip_weights(clip_finetuned),
+                    bridge.clip_weights(clip_base),
+                    key_filter=key_filter or None,
+                    nonfinite=policy,
+                    names=("finetuned CLIP", "base CLIP"),
+                )
             )
         return io.NodeOutput(vector)
 
@@ -109,6 +112,10 @@ class TaskVectorFromFiles(io.ComfyNode):
             ],
             outputs=[_tv_output()],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, finetuned_file, base_file, **_):
+        return bridge.files_fingerprint([(finetuned_file, MODEL_FILE_FOLDERS), (base_file, MODEL_FILE_FOLDERS)])
 
     @classmethod
     def execute(cls, finetuned_file, base_file, key_filter="", nonfinite="error"):
@@ -148,6 +155,10 @@ class TaskVectorFromLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name, **_):
+        return bridge.files_fingerprint([(lora_name, ("loras",))])
+
+    @classmethod
     def execute(cls, lora_name, model, clip=None):
         path = bridge.resolve_model_file(lora_name, "loras")
         return io.NodeOutput(bridge.lora_task_vector(path, model, clip))
@@ -172,6 +183,10 @@ class TaskVectorLoad(io.ComfyNode):
             ],
             outputs=[_tv_output()],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, name, **_):
+        return bridge.files_fingerprint([(name, TASK_VECTOR_FILE_FOLDERS)])
 
     @classmethod
     def execute(cls, name, nonfinite="error"):
@@ -203,6 +218,7 @@ class TaskVectorSave(io.ComfyNode):
                     tooltip="Storage precision: fp16 (half the size of fp32, what LoRA files use), bf16, or fp32 "
                     "(exact).",
                 ),
+                overflow_input(),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
@@ -210,7 +226,9 @@ class TaskVectorSave(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, task_vector: TaskVector, filename_prefix="task_vectors/task_vector", dtype="fp16"):
+    def execute(
+        cls, task_vector: TaskVector, filename_prefix="task_vectors/task_vector", dtype="fp16", overflow="error"
+    ):
         path = bridge.output_path(filename_prefix, default_folder=bridge.TASK_VECTOR_FOLDER)
         metadata = {"dm_version": merging.__version__}
         prompt = getattr(cls.hidden, "prompt", None)  # hidden is unset when called outside a prompt
@@ -223,6 +241,7 @@ class TaskVectorSave(io.ComfyNode):
             metadata=metadata,
             device=mm.get_torch_device(),
             progress=bridge.KeyProgress(len(task_vector)),
+            overflow=overflow,
         )
         relative = path.relative_to(Path(bridge.folder_paths.get_output_directory()).resolve())
         return io.NodeOutput(ui={"text": [f"saved {len(task_vector)} keys to output/{relative.as_posix()}"]})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import merging
 from ..merging.channel_projection import companion_path, save_projections
-from ..merging.io import write_safetensors
+from ..merging.io import check_storable, write_safetensors
 from ..merging.schedules import UNITS
 from ..merging.training_schedules import (
     MOMENTUM_SCHEDULES,
@@ -25,7 +25,7 @@ from . import training_runtime as runtime
 from .compat import io, ui
 from .routing_runtime import sigma_scale
 from .training_plots import loss_panel, momentum_panel, sigma_histogram_panel, stacked, to_image_batch
-from .types import CATEGORY
+from .types import CATEGORY, overflow_input
 
 TRAINING_CATEGORY = f"{CATEGORY}/training"
 LORA_FOLDER = "loras"
@@ -452,6 +452,7 @@ class SaveRangeExpertLoRA(io.ComfyNode):
                     optional=True,
                     tooltip="The trainer's channel_projection output; written to the companion file.",
                 ),
+                overflow_input(),
             ],
             outputs=[],
             hidden=[io.Hidden.prompt],
@@ -459,7 +460,7 @@ class SaveRangeExpertLoRA(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora, filename_prefix="loras/range_expert", channel_projection=None):
+    def execute(cls, lora, filename_prefix="loras/range_expert", channel_projection=None, overflow="error"):
         if not lora:
             raise ValueError("the LoRA is empty: connect the trainer's lora output")
         path = bridge.output_path(filename_prefix, default_folder=LORA_FOLDER)
@@ -468,8 +469,10 @@ class SaveRangeExpertLoRA(io.ComfyNode):
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         tensors = {key: value.detach().cpu().contiguous() for key, value in lora.items()}
+        projections = {f"channel projection {block}": w for block, w in (channel_projection or {}).items()}
+        check_storable({**tensors, **projections}, "the LoRA")  # before anything is written
         specs = [(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
-        write_safetensors(path, specs, iter(tensors.items()), metadata)
+        write_safetensors(path, specs, iter(tensors.items()), metadata, overflow=overflow)
         written = [path]
         if channel_projection:
             written.append(save_projections(channel_projection, companion_path(path), metadata))

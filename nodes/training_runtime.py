@@ -20,6 +20,7 @@ How it uses ComfyUI (comfyui-internals.md §D; re-implemented from the descripti
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,9 @@ class TrainingSettings:
         for name in ("steps", "batch_size", "grad_accumulation", "rank"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "consistency_weight", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be above 0, got {self.learning_rate}")
         if self.consistency_weight < 0 or self.grad_clip < 0:
@@ -123,6 +127,10 @@ class TrainingLog:
 
     def as_loss_map(self) -> dict[str, Any]:
         return {name: list(value) if isinstance(value, (list, tuple)) else value for name, value in vars(self).items()}
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the trained weights became NaN/Inf: nothing usable was trained."""
 
 
 @dataclass
@@ -282,6 +290,8 @@ class RangeExpertTrainer:
                 self._optimizer_step(step, optimizer, guider, extra_args, conds, latents, order, levels, progress)
         finally:
             progress.close()
+        if not all(bool(torch.isfinite(p).all()) for p in self._parameters()):
+            raise TrainingDiverged(self._divergence_message(settings.steps, "the trained weights hold NaN/Inf"))
         self.log.eval_range_loss.append(self._evaluate(guider, extra_args, conds, count, *evaluation))
 
     def _optimizer_step(self, step, optimizer, guider, extra_args, conds, latents, order, levels, progress) -> None:
@@ -297,6 +307,7 @@ class RangeExpertTrainer:
             sigma = levels.sigma(draw.normalized_times)
             batch_conds = select_rows(conds, indices, latents.shape[0])
             losses = self._losses(guider, extra_args, batch_conds, latents[indices], sigma)
+            self._check_finite_loss(step, float(losses[0].detach()))
             (losses[0] / settings.grad_accumulation).backward()
             values = torch.stack([loss.detach().float() for loss in losses])
             totals = values if totals is None else totals + values
@@ -314,6 +325,21 @@ class RangeExpertTrainer:
         self.log.curriculum_weight.append(settings.timesteps.curriculum_weight(tau))
         self.log.step_seconds.append(time.perf_counter() - started)  # reading the losses waited for the device
         progress.update(step, settings.steps, total)
+
+    def _check_finite_loss(self, step: int, loss: float) -> None:
+        """Stop at the first non-finite loss: every later update would only spread NaN through the adapters."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._divergence_message(step + 1, f"the loss is {loss}"))
+
+    def _divergence_message(self, step: int, what: str) -> str:
+        settings = self.settings
+        last = next(((i, v) for i, v in reversed(list(enumerate(self.log.loss, start=1))) if math.isfinite(v)), None)
+        before = f" (last finite loss {last[1]:.4g} at step {last[0]})" if last else ""
+        return (
+            f"training diverged at step {step} of {settings.steps}: {what}{before}; no LoRA is output. Lower the "
+            f"learning rate (now {settings.learning_rate:g}), keep gradient clipping on (grad_clip now "
+            f"{settings.grad_clip:g}; 1 is DeMe's), or use AdamW (now {settings.optimizer})."
+        )
 
     def _losses(self, guider, extra_args, conds, x0, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, range loss, consistency loss) of one micro-batch."""

@@ -32,3 +32,18 @@ def key_filter_input() -> io.String.Input:
         tooltip="Regular expression on parameter names; only matching keys are kept. Empty = all keys. "
         r"Examples: 'input_blocks\.|middle_block\.' (SD1/SDXL encoder half), 'double_blocks\.' (Flux).",
     )
+
+
+OVERFLOW_CHOICES = ["error", "clamp"]
+
+
+def overflow_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "overflow",
+        options=OVERFLOW_CHOICES,
+        default="error",
+        optional=True,
+        tooltip="What to do when a value does not fit the file's dtype (beyond ±65504 in fp16): stop with an "
+        "error naming the tensor (nothing is written), or clamp it to the largest storable value and log the "
+        "tensors. NaN/Inf are always refused.",
+    )

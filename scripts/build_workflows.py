@@ -74,6 +74,7 @@ class Node:
     inputs: dict[str, Any]
     title: str | None = None
     size: tuple[int, int] | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
     widgets_values: list[Any] = field(default_factory=list)
 
     outputs: list[Output] = field(default_factory=list)
@@ -109,8 +110,11 @@ class Graph:
     def _next_id(self) -> int:
         return len(self.nodes) + len(self.notes) + 1
 
-    def node(self, type_: str, column: int, *, title: str | None = None, size=None, **inputs: Any) -> Node:
-        """Add a node; keyword arguments are its inputs (widget values or ``Output`` links)."""
+    def node(
+        self, type_: str, column: int, *, title: str | None = None, size=None, properties=None, **inputs: Any
+    ) -> Node:
+        """Add a node; keyword arguments are its inputs (widget values or ``Output`` links); ``properties`` are
+        saved with it (settings of the pack's canvas widgets, never widget values)."""
         if type_ not in self.object_info:
             raise KeyError(f"unknown node type {type_}")
         info = self.object_info[type_]
@@ -120,7 +124,7 @@ class Graph:
         for name, _, optional in socket_inputs(info):
             if not optional and not isinstance(inputs.get(name), Output):
                 raise ValueError(f"{type_}: required input '{name}' must be linked")
-        node = Node(self._next_id(), type_, column, inputs, title, size)
+        node = Node(self._next_id(), type_, column, inputs, title, size, dict(properties or {}))
         node.widgets_values = self._widget_values(info, inputs)
         node.output_names = list(info.get("output_name") or info["output"])
         node.outputs = [Output(node.id, i, kind) for i, kind in enumerate(info["output"])]
@@ -211,7 +215,7 @@ def _ui_node(graph: Graph, node: Node) -> dict:
         "inputs": inputs,
         "outputs": outputs,
         **({"title": node.title} if node.title else {}),
-        "properties": {"Node name for S&R": node.type, "cnr_id": _cnr_id(node.type)},
+        "properties": {"Node name for S&R": node.type, "cnr_id": _cnr_id(node.type), **node.properties},
         "widgets_values": node.widgets_values,
     }
 
@@ -490,6 +494,43 @@ def merge_workflow(name: str) -> Callable[[Graph], None]:
     return build
 
 
+BLOCK_WEIGHTS_NOTE = """\
+Block weights: how much of the merged change each block of the model gets.
+
+1. "Model Blocks" shows the base's architecture and its block groups (SD 1.5: embed, IN00–IN11, M00, \
+OUT00–OUT11, final), with the keys and parameters of each.
+
+2. Click "block weights…" under the merge node's weight_rules: one slider per block group of the model feeding \
+"base" (read from the loader's file: SD1.x/SD2, SDXL, SD3, Flux, Wan 2.1/2.2, Qwen-Image). Moving a slider writes a \
+line such as "@IN01 = 0.5" into weight_rules; the workflow saves only that text, and you can edit it by hand.
+
+3. Here the merge keeps half of the change in the first two input blocks, 80 % in the first (deepest) two output \
+blocks and 90 % of every cross-attention weight (a regex rule). 0 leaves a block as the base has it.
+
+A block the model does not have (e.g. @IN11 on SDXL, which ends at IN08) stops the merge with a list of the real \
+ones. No checkpoints at hand? The demo and tests swap in "Load Demo Checkpoint (tiny, built in)".
+"""
+BLOCK_RULES = "@IN00 = 0.5\n@IN01 = 0.5\n@OUT00 = 0.8\n@OUT01 = 0.8\nattn2 = 0.9"
+
+
+def merge_block_weights(g: Graph) -> None:
+    """Two SD 1.5 fine-tunes merged with per-block weights; Model Blocks lists the groups."""
+    g.note(BLOCK_WEIGHTS_NOTE, column=0, size=(400, 560))
+    base = g.node("CheckpointLoaderSimple", 0, title="Base model", ckpt_name="v1-5-pruned-emaonly.safetensors")
+    stack = stacked_task_vectors(g, base, FINETUNE_NAMES, (1.0, 1.0))
+    g.node("DM_ModelBlocks", 3, size=(360, 420), model=base["MODEL"])
+    merged = g.node(
+        "DM_MergeTaskArithmetic",
+        3,
+        size=(360, 260),
+        base=base["MODEL"],
+        task_vectors=stack,
+        lam=1.0,
+        weight_rules=BLOCK_RULES,
+    )
+    sample_and_save(g, 4, merged["MODEL"], base["CLIP"], base["VAE"], "merge_block_weights")
+
+
 DEME_NOTE = """\
 DeMe merge: four timestep-range experts of one base, merged by weighted task arithmetic.
 
@@ -518,7 +559,8 @@ def deme_merge(g: Graph) -> None:
 
 
 ROUTING_TWO_EXPERTS_NOTE = """\
-Two experts over σ ranges, as ONE model (the Wan 2.2 high-noise / low-noise recipe, in one sampler).
+Two experts over σ ranges, as ONE model: Wan 2.2's high-noise / low-noise idea, in one sampler, on SD-style \
+checkpoints.
 
 1. The first "Route Expert" serves the noisy start of sampling down to its end (here σ = 1.0 on the SD \
 schedule); the second serves everything below. Ends are in σ, or pick "percent" / "timestep" in "unit".
@@ -529,9 +571,9 @@ history across the switch — no leftover-noise hand-off between two KSamplerAdv
 3. memory_mode "resident" keeps both experts loaded; "sequential" loads one at a time (peak VRAM of one \
 expert), swapping once at the boundary.
 
-Real Wan 2.2: two UNETLoaders (high/low noise), a ModelSamplingSD3 (shift 8) on each BEFORE routing, the \
-first expert's end at σ 0.875, euler/simple, 20 steps, cfg 3.5. The canvas under "Routed Model" shows which \
-step lands in which expert for the connected sampler's schedule.
+The canvas under "Routed Model" shows which step lands in which expert for the connected sampler's \
+schedule. For Wan 2.2 itself open the template routing_wan22 (two UNETLoaders, ModelSamplingSD3 shift 8 on each, \
+boundary σ 0.875).
 """
 
 
@@ -544,6 +586,92 @@ def routing_two_experts(g: Graph) -> None:
     both = g.node("DM_RouteExpert", 1, model=low["MODEL"], experts=first[0], end=0.0, unit="sigma", cfg=0.0)
     routed = g.node("DM_RoutedModel", 2, experts=both[0], memory_mode="resident")
     sample_and_save(g, 3, routed[0], high["CLIP"], high["VAE"], "routing_two_experts")
+
+
+WAN22_NOTE = """\
+Wan 2.2 A14B text-to-video: the high-noise expert, then the low-noise expert, as ONE model in ONE KSampler.
+
+1. Put wan2.2_t2v_high_noise_14B_fp8_scaled and wan2.2_t2v_low_noise_14B_fp8_scaled into models/diffusion_models, \
+umt5_xxl_fp8_e4m3fn_scaled into models/text_encoders and wan_2.1_vae into models/vae (ComfyUI's Wan 2.2 files).
+
+2. Each expert gets its own ModelSamplingSD3 (shift 8) BEFORE routing, as in ComfyUI's own Wan 2.2 template.
+
+3. The first Route Expert serves σ above 0.875 (Wan 2.2's boundary for text-to-video; "timestep" 875 is the same), \
+the second everything below. With euler / simple / 20 steps / shift 8 that is steps 1–11 high, 12–20 low: the \
+canvas under "Routed Model" shows it.
+
+4. The KSampler runs all 20 steps at cfg 3.5. This equals ComfyUI's two-KSamplerAdvanced recipe (high: steps \
+0→11 with leftover noise; low: 11→end, no new noise) for euler, with no hand-off to get wrong; multistep \
+samplers keep their history across the switch. memory_mode "sequential" keeps one 14B expert in VRAM at a time.
+
+5. The 81 frames (5 s at 16 fps) are saved as an animated WEBP; for an MP4 use CreateVideo + SaveVideo instead.
+
+No Wan files at hand? The demo and tests swap in "Load Demo Wan Expert (tiny, built in)" for each loader and \
+shrink the video to 64×64, one latent frame; its videos are noise.
+"""
+WAN_NEGATIVE = "blurry, low quality, static, still picture, worst quality, jpeg artifacts, deformed, extra fingers"
+
+
+def routing_wan22(g: Graph) -> None:
+    """Wan 2.2 A14B: two UNETLoaders, ModelSamplingSD3 shift 8 on each, routed at σ 0.875, one KSampler."""
+    g.note(WAN22_NOTE, column=0, size=(400, 640))
+    experts = []
+    for label in ("high", "low"):
+        unet = g.node(
+            "UNETLoader",
+            0,
+            title=f"{label.capitalize()}-noise expert",
+            unet_name=f"wan2.2_t2v_{label}_noise_14B_fp8_scaled.safetensors",
+            weight_dtype="default",
+        )
+        experts.append(g.node("ModelSamplingSD3", 1, title=f"Shift ({label} noise)", model=unet[0], shift=8.0)[0])
+    clip = g.node("CLIPLoader", 0, clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+    vae = g.node("VAELoader", 0, vae_name="wan_2.1_vae.safetensors")
+    text = "a red fox running through fresh snow in a pine forest, morning light, tracking shot"
+    positive = g.node("CLIPTextEncode", 1, title="Positive prompt", size=(400, 160), clip=clip[0], text=text)
+    negative = g.node("CLIPTextEncode", 1, title="Negative prompt", size=(400, 160), clip=clip[0], text=WAN_NEGATIVE)
+    first = g.node(
+        "DM_RouteExpert", 2, title="High noise: σ > 0.875", model=experts[0], end=0.875, unit="sigma", cfg=0.0
+    )
+    both = g.node(
+        "DM_RouteExpert",
+        2,
+        title="Low noise: the rest",
+        model=experts[1],
+        experts=first[0],
+        end=0.0,
+        unit="sigma",
+        cfg=0.0,
+    )
+    preview = {"σ preview model": "flow", "σ preview shift": 8.0}  # the editor's σ preview before the first run
+    routed = g.node("DM_RoutedModel", 3, size=(360, 230), properties=preview, experts=both[0], memory_mode="sequential")
+    latent = g.node("EmptyHunyuanLatentVideo", 3, width=640, height=640, length=81, batch_size=1)
+    sampled = g.node(
+        "KSampler",
+        4,
+        model=routed[0],
+        positive=positive[0],
+        negative=negative[0],
+        latent_image=latent[0],
+        seed=42,
+        steps=20,
+        cfg=3.5,
+        sampler_name="euler",
+        scheduler="simple",
+        denoise=1.0,
+    )
+    frames = g.node("VAEDecode", 5, samples=sampled[0], vae=vae[0])
+    g.node(
+        "SaveAnimatedWEBP",
+        5,
+        size=(360, 400),
+        images=frames[0],
+        filename_prefix="diffusion_merge/wan22_routed",
+        fps=16.0,
+        lossless=False,
+        quality=90,
+        method="default",
+    )
 
 
 REFINER_NOTE = """\
@@ -1004,9 +1132,11 @@ WORKFLOWS: dict[str, Callable[[Graph], None]] = {
     "task_vectors": task_vectors,
     "lora_extract": lora_extract,
     **{name: merge_workflow(name) for name in MERGE_METHODS},
+    "merge_block_weights": merge_block_weights,
     "recipe_rerun": recipe_rerun,
     "deme_merge": deme_merge,
     "routing_two_experts": routing_two_experts,
+    "routing_wan22": routing_wan22,
     "routing_sdxl_refiner": routing_sdxl_refiner,
     "deme_ensemble": deme_ensemble,
     "deme_train": deme_train,

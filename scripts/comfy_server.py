@@ -22,6 +22,7 @@ from typing import Any
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "diffusion-merge"
 SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first (0.3.64 last)
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras")  # under <work>/models, searched after ComfyUI's own
 
 
 class ServerError(RuntimeError):
@@ -71,9 +72,10 @@ class ComfyServer:
 
     The pack is added through ``--extra-model-paths-config`` (a ``custom_nodes`` folder holding a
     ``diffusion-merge`` symlink to the pack root) unless ComfyUI already loads it from its own
-    ``custom_nodes``; ``model_folders`` ({"checkpoints": path, …}) go into the same file. The server runs
-    with ``--cpu`` unless ``cpu`` is False; ``extra_args`` are appended to its command line. Use as a
-    context manager, or call ``start()``, ``wait_ready()`` and ``stop()``.
+    ``custom_nodes``; the same file adds ``work/models/{checkpoints,diffusion_models,loras}`` (``models_dir``)
+    and ``model_folders`` ({"checkpoints": path, …}) as model folders. The server runs with ``--cpu`` unless
+    ``cpu`` is False; ``extra_args`` are appended to its command line. Use as a context manager, or call
+    ``start()``, ``wait_ready()`` and ``stop()``.
     """
 
     def __init__(
@@ -97,6 +99,8 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.pack_folder = PACK_ROOT.name if pack_installed else PACK_FOLDER_NAME
         self.output_dir = self.work / "output"
+        self.models_dir = self.work / "models"
+        self.temp_dir = self.work / "temp" / "temp"  # ComfyUI uses <--temp-directory>/temp and empties it at start
         self.log_path = self.work / "comfyui.log"
         self.env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
@@ -107,17 +111,22 @@ class ComfyServer:
         """The ``main.py`` command line (folders must exist; see ``prepare``)."""
         cmd = [self.python, str(self.comfyui / "main.py"), *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1"]
         cmd += ["--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes"]
-        if not self.pack_installed or self.model_folders:
-            cmd += ["--extra-model-paths-config", str(self.work / "extra_model_paths.yaml")]
+        cmd += ["--extra-model-paths-config", str(self.work / "extra_model_paths.yaml")]
         for name in ("user", "input", "output", "temp"):
             cmd += [f"--{name}-directory", str(self.work / name)]
         return [*cmd, "--database-url", "sqlite:///:memory:", *self.extra_args]
 
     def prepare(self) -> None:
-        """Create the work folders and, when needed, the custom_nodes folder and its paths file."""
+        """Create the work folders, model folders under ``work/models`` and, unless ComfyUI loads the pack by
+        itself, a custom_nodes folder linking to it; all named in the extra model paths file."""
         for name in ("user", "input", "output", "temp"):
             (self.work / name).mkdir(parents=True, exist_ok=True)
-        config = "".join(f"  {name}: {json.dumps(str(path))}\n" for name, path in self.model_folders.items())
+        lines = ["diffusion_merge:", f"  base_path: {json.dumps(str(self.work))}"]
+        for name in MODEL_FOLDERS:
+            (self.models_dir / name).mkdir(parents=True, exist_ok=True)
+            if name not in self.model_folders:  # a YAML key names one folder: the caller's wins
+                lines.append(f"  {name}: models/{name}")
+        lines += [f"  {name}: {json.dumps(str(path))}" for name, path in self.model_folders.items()]
         if not self.pack_installed:
             nodes_dir = self.work / "custom_nodes"
             nodes_dir.mkdir(exist_ok=True)
@@ -126,9 +135,8 @@ class ComfyServer:
                 link.unlink()
             if not link.exists():
                 link.symlink_to(PACK_ROOT, target_is_directory=True)
-            config += f"  custom_nodes: {json.dumps(str(nodes_dir))}\n"
-        if config:
-            (self.work / "extra_model_paths.yaml").write_text("diffusion_merge:\n" + config)
+            lines.append(f"  custom_nodes: {json.dumps(str(nodes_dir))}")
+        (self.work / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
 
     def start(self) -> ComfyServer:
         self.prepare()

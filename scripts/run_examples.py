@@ -5,6 +5,11 @@ node of the pack is registered, converts each ``example_workflows/*.json`` to an
 real checkpoints for ``DM_DemoCheckpointLoader``, runs it, and writes ``demo_out/summary.json``. Exits 1
 if a node is missing or a workflow fails. ``--serve`` keeps the server (and its UI) running afterwards.
 Normally started through ``bash scripts/demo.sh``.
+
+``summary.json`` lists, per workflow, every file it wrote into the output folder and every image its nodes
+showed — previews such as the training plots live in ComfyUI's temp folder, which ComfyUI empties when it
+stops, so they are copied to ``demo_out/previews/<workflow>/`` — all as absolute paths, and the text each
+node showed, keyed by node id (titles repeat: a workflow may hold four "Save Range Expert LoRA" nodes).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import signal
 import sys
 import time
@@ -27,13 +33,14 @@ SERVE_PORT = 8188
 
 @dataclass
 class Result:
-    """What happened to one example workflow."""
+    """What happened to one example workflow; every path is absolute."""
 
     name: str
     status: str = "not run"  # success | error (ran and failed) | rejected (by the server) | invalid (conversion)
     seconds: float = 0.0
-    outputs: list[str] = field(default_factory=list)  # files it wrote, relative to the output folder
-    texts: dict[str, list[str]] = field(default_factory=dict)  # text a node showed, by node title
+    outputs: list[str] = field(default_factory=list)  # every file it wrote into the output folder
+    previews: dict[str, list[str]] = field(default_factory=dict)  # node id → copies of the previews it showed
+    messages: dict[str, dict] = field(default_factory=dict)  # node id → {"node", "title", "text"} it showed
     error: str = ""
 
 
@@ -43,12 +50,34 @@ def pack_node_ids() -> list[str]:
     return sorted({m for path in (PACK_ROOT / "nodes").rglob("*.py") for m in pattern.findall(path.read_text())})
 
 
-def output_files(output_dir: Path) -> set[str]:
-    return {p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()}
+def output_files(output_dir: Path) -> set[Path]:
+    return {p.resolve() for p in output_dir.rglob("*") if p.is_file()}
 
 
-def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: float) -> Result:
-    """Convert, queue and wait for one workflow file; never raises for a failing workflow."""
+def shown_previews(server: ComfyServer, ui: dict) -> list[Path]:
+    """The temp-folder images (previews) a node showed: ``{"filename", "subfolder", "type": "temp"}`` entries."""
+    return [
+        server.temp_dir / image.get("subfolder", "") / image["filename"]
+        for image in ui.get("images") or []
+        if isinstance(image, dict) and image.get("type") == "temp" and image.get("filename")
+    ]
+
+
+def keep_previews(paths: list[Path], folder: Path, node_id: str) -> list[str]:
+    """Copy previews out of the temp folder (emptied when ComfyUI stops); returns the copies' absolute paths."""
+    kept = []
+    for path in paths:
+        if path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            copy = folder / f"node{node_id}_{path.name}"
+            shutil.copyfile(path, copy)
+            kept.append(str(copy.resolve()))
+    return kept
+
+
+def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: float, previews: Path) -> Result:
+    """Convert, queue and wait for one workflow file; never raises for a failing workflow. The previews its
+    nodes show are copied into ``previews``."""
     result = Result(path.stem)
     try:
         workflow = json.loads(path.read_text(encoding="utf-8"))
@@ -65,14 +94,23 @@ def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: fl
         return result
     finally:
         result.seconds = round(time.monotonic() - start, 2)
-    result.outputs = sorted(output_files(server.output_dir) - before)
-    shown = entry.get("outputs", {})
-    result.texts = {prompt[node_id]["_meta"]["title"]: ui["text"] for node_id, ui in shown.items() if "text" in ui}
+    result.outputs = sorted(str(path) for path in output_files(server.output_dir) - before)
+    for node_id, ui in sorted(entry.get("outputs", {}).items(), key=lambda item: _node_order(item[0])):
+        node = prompt.get(node_id, {})
+        if "text" in ui:
+            title = node.get("_meta", {}).get("title", "")
+            result.messages[node_id] = {"node": node.get("class_type", ""), "title": title, "text": ui["text"]}
+        if kept := keep_previews(shown_previews(server, ui), previews, node_id):
+            result.previews[node_id] = kept
     failure = execution_error(entry)
     result.status = "error" if failure or entry["status"]["status_str"] != "success" else "success"
     if failure:
         result.error = f"{failure.get('node_type')} (node {failure.get('node_id')}): {failure.get('exception_message')}"
     return result
+
+
+def _node_order(node_id: str) -> tuple[int, str]:
+    return (int(node_id), node_id) if node_id.isdigit() else (1 << 62, node_id)
 
 
 def print_summary(results: list[Result], missing: list[str], summary_path: Path) -> None:
@@ -83,10 +121,13 @@ def print_summary(results: list[Result], missing: list[str], summary_path: Path)
         mark = "ok  " if result.status == "success" else "FAIL"
         print(f"{mark} {result.name}: {result.status} in {result.seconds:.1f} s")
         for output in result.outputs:
-            print(f"       output/{output}")
-        for title, texts in result.texts.items():
+            print(f"       {output}")
+        for node_id, images in result.previews.items():
+            print(f"       node {node_id} showed {len(images)} preview(s): {images[0]}")
+        for node_id, message in result.messages.items():
+            texts = message["text"]
             first_line = (texts[0].splitlines() or [""])[0] if texts else ""
-            print(f"       {title}: {first_line}")
+            print(f"       node {node_id} ({message['title']}): {first_line}")
         if result.error:
             print("       " + result.error.strip().replace("\n", "\n       "))
     passed = sum(r.status == "success" for r in results)
@@ -142,12 +183,17 @@ def run(options: argparse.Namespace, server: ComfyServer) -> int:
     results = []
     for path in paths:
         print(f"running {path.name} …", flush=True)
-        results.append(run_workflow(server, path, object_info, options.timeout))
+        previews = options.out.resolve() / "previews" / path.stem
+        shutil.rmtree(previews, ignore_errors=True)
+        results.append(run_workflow(server, path, object_info, options.timeout, previews))
     ok = not missing and bool(results) and all(r.status == "success" for r in results)
     summary = {
         "ok": ok,
         "server": server.url,
         "comfyui": str(server.comfyui),
+        "paths": "every path in this file is absolute",
+        "output_dir": str(server.output_dir.resolve()),
+        "previews_dir": str((options.out / "previews").resolve()),
         "pack_nodes": sorted(n for n in object_info if n.startswith("DM_")),
         "missing_nodes": missing,
         "workflows": [asdict(r) for r in results],
@@ -160,8 +206,8 @@ def run(options: argparse.Namespace, server: ComfyServer) -> int:
 
 def serve(server: ComfyServer) -> None:
     print(f"\nComfyUI is running with the pack loaded: open {server.url} in a browser.")
-    print("Load an example from the Workflow menu → Browse Templates → diffusion-merge (swap the checkpoint")
-    print('loaders for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
+    print("Load an example from the side bar's Templates button → diffusion-merge (swap the checkpoint loaders")
+    print('for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
     try:
         server.process.wait()
     except KeyboardInterrupt:

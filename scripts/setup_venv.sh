@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environment for one ComfyUI: its requirements pinned to the versions CI uses
-# (../shared/ci/comfyui-<version>-constraints.txt when there is one for that release), torch from the
-# machine's local wheel store, plus pytest, ruff and playwright. Sourced by test.sh and demo.sh.
+# (../shared/ci/comfyui-<version>-constraints.txt when there is one for that release), torch 2.14.1 (pip takes
+# it from the machine's local wheels where it has them, else the CUDA build from PyPI, several GB), plus pytest,
+# ruff and playwright. Sourced by test.sh and demo.sh.
 #
 # In:  COMFYUI_PATH  the ComfyUI checkout (default: the one this pack sits in as custom_nodes/<pack>, else the
 #                    newest snapshot beside the project, ../shared/ComfyUI-0.33.0)

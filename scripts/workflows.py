@@ -31,6 +31,10 @@ DEMO_LOADER = "DM_DemoCheckpointLoader"
 DEMO_FINETUNE_VARIANTS = ("finetune-a", "finetune-b", "finetune-c", "finetune-d")
 DEMO_LATENT_SIZE = 64
 MINI_LOADER = "DM_LoadMiniModel"
+DEMO_WAN_LOADER = "DM_DemoWanLoader"
+DEMO_VIDEO_LENGTH = 1
+# Wan's separate loaders and the output of DM_DemoWanLoader (MODEL, CLIP, VAE) their output 0 becomes.
+WAN_LOADER_SLOTS = {"UNETLoader": 0, "CLIPLoader": 1, "VAELoader": 2}
 DEMO_TRAINER = "DM_TrainRangeExpertLoRA"
 DEMO_TRAINING_STEPS = 4
 
@@ -51,6 +55,8 @@ def input_specs(info: dict) -> Iterator[tuple[str, str, dict]]:
             spec = declared[name]
             kind = "COMBO" if isinstance(spec[0], list) else spec[0]  # V1 combos are a list of choices
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if isinstance(spec[0], list) and "options" not in options:
+                options = {**options, "options": spec[0]}
             yield name, kind, options
 
 
@@ -78,11 +84,27 @@ def has_generate_control(name: str, kind: str, options: dict) -> bool:
     return kind == "INT" and name in SEED_NAMES
 
 
-def widget_layout(info: dict) -> list[tuple[str, int]]:
-    """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order."""
+def had_legacy_generate_control(name: str, kind: str, options: dict) -> bool:
+    """Whether workflows saved before an input opted out of "control after generate" (``False``) may still
+    carry its value: an INT named ``seed``/``noise_seed`` had one by the frontend's legacy rule."""
+    return kind == "INT" and name in SEED_NAMES and options.get("control_after_generate") is False
+
+
+def widget_layout(info: dict, legacy: bool = False) -> list[tuple[str, int]]:
+    """[(widget input name, number of UI-only values that follow it)] in ``widgets_values`` order; with
+    ``legacy``, as older saves of the node have it (a control value after each seed input that has since
+    opted out of "control after generate")."""
     return [
-        (name, len(ui_only_values(name, kind, opts))) for name, kind, opts in input_specs(info) if is_widget(kind, opts)
+        (name, len(ui_only_values(name, kind, opts)) + (legacy and had_legacy_generate_control(name, kind, opts)))
+        for name, kind, opts in input_specs(info)
+        if is_widget(kind, opts)
     ]
+
+
+def accepted_layouts(info: dict) -> list[list[tuple[str, int]]]:
+    """The widget layout of the node as defined now, then (when different) the one its older saves have."""
+    current, legacy = widget_layout(info), widget_layout(info, legacy=True)
+    return [current] if legacy == current else [current, legacy]
 
 
 def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
@@ -172,22 +194,54 @@ def _node_to_api(node: dict, object_info: dict, sources: dict[int, tuple[int, in
 
 
 def _widget_inputs(node: dict, info: dict, label: str) -> dict[str, Any]:
-    layout = widget_layout(info)
     values = node.get("widgets_values") or []
     if not isinstance(values, list):
         raise WorkflowError(f"{label}: widgets_values is a {type(values).__name__}, expected a list")
-    expected = sum(1 + extra for _, extra in layout)
-    if len(values) != expected:
-        names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layout) or "none"
-        raise WorkflowError(
-            f"{label}: {len(values)} widget values, expected {expected} for widgets: {names}. "
-            "Was the workflow saved with another version of this node?"
-        )
+    specs = {name: (kind, opts) for name, kind, opts in input_specs(info)}
+    optional = set(info["input"].get("optional", {}))
+    layouts = accepted_layouts(info)
+    for layout in layouts:
+        inputs = _read_widgets(values, layout, optional)
+        if inputs is not None and (len(inputs) == len(layout) or _plausible(inputs, specs)):
+            return inputs
+    expected = sum(1 + extra for _, extra in layouts[0])
+    names = ", ".join(name + " (+1 UI value)" * bool(extra) for name, extra in layouts[0]) or "none"
+    raise WorkflowError(
+        f"{label}: {len(values)} widget values, expected {expected} for widgets: {names}. "
+        "Was the workflow saved with another version of this node?"
+    )
+
+
+def _read_widgets(values: list, layout: list[tuple[str, int]], optional: set[str]) -> dict[str, Any] | None:
+    """Widget values by position, or None when they do not fit the layout. Trailing optional widgets may be
+    missing (the workflow was saved before they were added): they are left out, so the server uses their
+    defaults, as the editor does when it opens such a workflow."""
     inputs, position = {}, 0
     for name, extra in layout:
+        if position >= len(values):
+            if name not in optional:
+                return None
+            continue
         inputs[name] = values[position]
         position += 1 + extra
-    return inputs
+    return inputs if position == len(values) else None
+
+
+def _plausible(inputs: dict[str, Any], specs: dict[str, tuple[str, dict]]) -> bool:
+    """Whether each value has its widget's type (a combo's value is one of its options): a shorter save is
+    only read as "trailing optional widgets missing" when every value lands on a widget that can hold it."""
+    checks = {
+        "INT": lambda v, _: isinstance(v, int) and not isinstance(v, bool),
+        "FLOAT": lambda v, _: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "STRING": lambda v, _: isinstance(v, str),
+        "BOOLEAN": lambda v, _: isinstance(v, bool),
+        "COMBO": lambda v, opts: v in (opts.get("options") or [v]),
+    }
+    for name, value in inputs.items():
+        kind, options = specs[name]
+        if kind in checks and not checks[kind](value, options):
+            return False
+    return True
 
 
 # -- built-in demo models -----------------------------------------------------------------------------
@@ -206,7 +260,8 @@ def use_demo_models(prompt: dict) -> dict:
     (same MODEL/CLIP/VAE output slots): variant ``base`` for base checkpoints (``is_base_checkpoint``),
     else ``finetune-a`` … ``finetune-d`` in order of appearance. ``EmptyLatentImage`` shrinks to 64×64 (unless
     the prompt loads the mini family, which draws 32×32), and
-    the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps.
+    the range-expert trainer runs at most ``DEMO_TRAINING_STEPS`` steps. Wan's separate loaders become the tiny
+    built-in Wan experts (``_use_demo_wan``).
     """
     demo = copy.deepcopy(prompt)
     finetunes = iter(DEMO_FINETUNE_VARIANTS)
@@ -227,4 +282,46 @@ def use_demo_models(prompt: dict) -> dict:
                     node["inputs"][side] = DEMO_LATENT_SIZE
         elif node["class_type"] == DEMO_TRAINER and isinstance(node["inputs"].get("steps"), int):
             node["inputs"]["steps"] = min(node["inputs"]["steps"], DEMO_TRAINING_STEPS)
+    _use_demo_wan(demo)
     return demo
+
+
+def _use_demo_wan(demo: dict) -> None:
+    """Wan's loaders (``UNETLoader``, ``CLIPLoader`` type wan, a Wan ``VAELoader``) become ``DM_DemoWanLoader``
+    and the nodes they fed are re-linked to its MODEL, CLIP or VAE output; ``EmptyHunyuanLatentVideo`` shrinks
+    to 64×64, one latent frame. A diffusion model's file name picks the expert: ``low_noise`` → the low-noise
+    one, else (``high_noise``, or a single Wan 2.1 model) the high-noise one."""
+    moved: dict[str, int] = {}
+    for node_id, node in demo.items():
+        kind = node["class_type"]
+        if kind in WAN_LOADER_SLOTS:
+            expert = _wan_expert(node_id, node)
+            title = node.get("_meta", {}).get("title", kind)
+            node["class_type"] = DEMO_WAN_LOADER
+            node["inputs"] = {"expert": expert, "seed": 0}
+            node["_meta"] = {"title": f"{title} (demo: Wan {expert})"}
+            moved[node_id] = WAN_LOADER_SLOTS[kind]
+        elif kind == "EmptyHunyuanLatentVideo":
+            for name, size in (
+                ("width", DEMO_LATENT_SIZE),
+                ("height", DEMO_LATENT_SIZE),
+                ("length", DEMO_VIDEO_LENGTH),
+            ):
+                if not isinstance(node["inputs"].get(name), list):
+                    node["inputs"][name] = size
+    for node in demo.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in moved and value[1] == 0:
+                node["inputs"][name] = [value[0], moved[value[0]]]
+
+
+def _wan_expert(node_id: str, node: dict) -> str:
+    """The demo Wan expert that stands in for one of Wan's loaders (WorkflowError for a non-Wan one)."""
+    inputs = node["inputs"]
+    name = str(inputs.get("unet_name") or inputs.get("vae_name") or inputs.get("clip_name") or "").lower()
+    is_wan = inputs.get("type") == "wan" if node["class_type"] == "CLIPLoader" else "wan" in name
+    if not is_wan:
+        raise WorkflowError(
+            f"node {node_id} ({node['class_type']} '{name}'): the demo has stand-ins for Wan's separate loaders only"
+        )
+    return "low_noise" if "low_noise" in name else "high_noise"

@@ -261,6 +261,13 @@ class _StubServer:
         pass
 
 
+def new_prompt_executor():
+    """A ComfyUI PromptExecutor with a stub server and the classic cache (reuse one to keep its cache)."""
+    from diffusion_merge.nodes import compat
+
+    return compat.prompt_executor(_StubServer())
+
+
 @pytest.fixture
 def run_prompt(comfyui):
     """Run an API-format prompt in process; returns ``history_result["outputs"]`` (raises on failure)."""
@@ -269,14 +276,12 @@ def run_prompt(comfyui):
 
     import execution
 
-    from diffusion_merge.nodes import compat
-
     def run(prompt: dict) -> dict:
         prompt_id = str(uuid.uuid4())
         valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
         if not valid[0]:
             raise AssertionError(f"invalid prompt: {valid[1]} {valid[3]}")
-        executor = compat.prompt_executor(_StubServer())
+        executor = new_prompt_executor()
         executor.execute(prompt, prompt_id, {"client_id": "tests"}, valid[2])
         if not executor.success:
             errors = [data for event, data in executor.server.events if event == "execution_error"]

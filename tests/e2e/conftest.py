@@ -52,12 +52,20 @@ def browser_script() -> ModuleType:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, comfyui_install, comfy_server):
     """A started ComfyUI server: ``url``, ``output_dir``, ``pack_folder`` (the pack's folder name as
-    ComfyUI sees it), ``get(path)``, ``fetch(path)``, ``post_prompt(prompt) -> prompt_id`` and
+    ComfyUI sees it), ``model_folders`` (writable ``checkpoints`` and ``diffusion_models`` folders it
+    searches besides its own), ``get(path)``, ``fetch(path)``, ``post_prompt(prompt) -> prompt_id`` and
     ``wait(prompt_id) -> history entry``. Start-up failures raise with the tail of the server log."""
     comfyui, installed = comfyui_install
     work = tmp_path_factory.mktemp("comfyui-server")
+    folders = {name: work / "models" / name for name in ("checkpoints", "diffusion_models")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
     instance = comfy_server.ComfyServer(
-        comfyui, work, pack_installed=installed, env={"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        comfyui,
+        work,
+        pack_installed=installed,
+        env={"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        model_folders=folders,
     )
     instance.start()
     try:

@@ -107,6 +107,107 @@ def test_example_workflow_opens_round_trips_and_queues(path, editor, server, wor
     assert not our_errors(editor, server), our_errors(editor, server)
 
 
+# -- the demo loader's seed ------------------------------------------------------------------------------
+
+
+def demo_loader_workflow() -> dict:
+    """Two demo loaders saved by different versions — with the editor's old "control after generate" value
+    after the seed, and without — feeding Task Vector from Models → Task Vector Info."""
+
+    def loader(node_id, widgets, link):
+        outputs = [{"name": "MODEL", "type": "MODEL", "links": [link]}]
+        outputs += [{"name": kind, "type": kind, "links": []} for kind in ("CLIP", "VAE")]
+        return {
+            "id": node_id,
+            "type": "DM_DemoCheckpointLoader",
+            "pos": [0, 150 * node_id],
+            "size": [320, 110],
+            "flags": {},
+            "order": node_id - 1,
+            "mode": 0,
+            "inputs": [],
+            "outputs": outputs,
+            "properties": {},
+            "widgets_values": widgets,
+        }
+
+    sockets = [
+        ("finetuned", "MODEL", 1),
+        ("base", "MODEL", 2),
+        ("clip_finetuned", "CLIP", None),
+        ("clip_base", "CLIP", None),
+    ]
+    extract = {
+        "id": 3,
+        "type": "DM_TaskVectorFromModels",
+        "pos": [400, 150],
+        "size": [320, 150],
+        "flags": {},
+        "order": 2,
+        "mode": 0,
+        "properties": {},
+        "widgets_values": ["", "error"],
+        "inputs": [{"name": n, "type": t, "link": link} for n, t, link in sockets],
+        "outputs": [{"name": "task_vector", "type": "DM_TASK_VECTOR", "links": [3]}],
+    }
+    info = {
+        "id": 4,
+        "type": "DM_TaskVectorInfo",
+        "pos": [800, 150],
+        "size": [320, 80],
+        "flags": {},
+        "order": 3,
+        "mode": 0,
+        "properties": {},
+        "widgets_values": [],
+        "inputs": [{"name": "task_vector", "type": "DM_TASK_VECTOR", "link": 3}],
+        "outputs": [{"name": "summary", "type": "STRING", "links": []}],
+    }
+    nodes = [loader(1, ["base", 0, "randomize"], 2), loader(2, ["finetune-a", 0], 1), extract, info]
+    links = [[1, 2, 0, 3, 0, "MODEL"], [2, 1, 0, 3, 1, "MODEL"], [3, 3, 0, 4, 0, "DM_TASK_VECTOR"]]
+    return {
+        "last_node_id": 4,
+        "last_link_id": 3,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
+
+
+def wait_for_idle_queue(server, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = server.get("/queue")
+        if not queue["queue_running"] and not queue["queue_pending"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the editor's prompts did not finish")
+
+
+def test_demo_loader_seed_stays_put_when_the_editor_runs(editor, server):
+    """Old and new saves of the demo loader load; no "control after generate" widget appears, and running
+    the graph from the editor twice leaves every seed where it was (it randomised them before)."""
+    loaded = editor.load_workflow(demo_loader_workflow())
+    assert not [node["type"] for node in loaded["nodes"] if not node["registered"]]
+    widgets = "(id) => app.graph.getNodeById(id).widgets.map((w) => [w.name, w.value])"
+    for node_id in (1, 2):
+        assert [name for name, _ in editor.evaluate(widgets, node_id)] == ["variant", "seed"]
+    for _ in range(2):
+        editor.evaluate("async () => { await app.queuePrompt(0, 1); }")
+        wait_for_idle_queue(server)
+    assert editor.evaluate(widgets, 1) == [["variant", "base"], ["seed", 0]]
+    assert editor.evaluate(widgets, 2) == [["variant", "finetune-a"], ["seed", 0]]
+    saved = editor.evaluate("() => app.graph.serialize().nodes.map((n) => [n.id, n.widgets_values])")
+    assert sorted(saved)[:2] == [[1, ["base", 0]], [2, ["finetune-a", 0]]]
+    assert not our_errors(editor, server), our_errors(editor, server)
+    editor.clear()
+
+
 # -- what our extensions draw -------------------------------------------------------------------------
 
 

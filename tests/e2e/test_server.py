@@ -145,3 +145,11 @@ def test_every_example_workflow_has_a_served_thumbnail(server):
         elif not content.startswith(b"\xff\xd8\xff") or len(content) < 5_000:
             problems.append(f"{thumbnail.name}: not a JPEG picture ({len(content)} bytes)")
     assert not problems, "\n".join(problems)
+
+
+def test_demo_loader_seed_is_never_randomised_by_the_editor(object_info, workflows):
+    """The editor adds "control after generate: randomize" to INT inputs named seed unless they opt out; the
+    demo loader's seed picks the base weights, so every loader of a merge must keep the same one."""
+    info = object_info["DM_DemoCheckpointLoader"]
+    assert info["input"]["required"]["seed"][1].get("control_after_generate") is False
+    assert workflows.widget_layout(info) == [("variant", 0), ("seed", 0)]

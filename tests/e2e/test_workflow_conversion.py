@@ -119,3 +119,83 @@ def test_use_demo_models_keeps_the_latent_size_of_mini_family_workflows(workflow
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 8}},
     }
     assert workflows.use_demo_models(prompt) == prompt
+
+
+DEMO_LOADER_INFO = {  # as /object_info describes DM_DemoCheckpointLoader: its seed opts out of the control
+    "DM_DemoCheckpointLoader": {
+        "input": {
+            "required": {
+                "variant": [["base", "finetune-a"], {"default": "base"}],
+                "seed": ["INT", {"default": 0, "control_after_generate": False}],
+            }
+        },
+        "input_order": {"required": ["variant", "seed"]},
+        "output": ["MODEL", "CLIP", "VAE"],
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "saved", [["finetune-a", 3], ["finetune-a", 3, "randomize"], ["finetune-a", 3, "fixed"]], ids=["now", "old", "old2"]
+)
+def test_demo_loader_seed_has_no_control_and_old_saves_still_convert(workflows, saved):
+    info = DEMO_LOADER_INFO["DM_DemoCheckpointLoader"]
+    assert workflows.widget_layout(info) == [("variant", 0), ("seed", 0)]
+    graph = workflow(node(1, "DM_DemoCheckpointLoader", saved, outputs=["MODEL", "CLIP", "VAE"]))
+    prompt = workflows.workflow_to_prompt(graph, DEMO_LOADER_INFO)
+    assert prompt["1"]["inputs"] == {"variant": "finetune-a", "seed": 3}
+
+
+def test_trailing_optional_widgets_added_later_may_be_missing(workflows):
+    """A workflow saved before a node gained an optional widget (e.g. the save nodes' overflow) converts; the
+    server then uses that widget's default."""
+    info = {
+        "Saver": {
+            "input": {
+                "required": {"prefix": ["STRING", {}], "dtype": [["fp16", "fp32"], {}]},
+                "optional": {"overflow": [["error", "clamp"], {"default": "error"}]},
+            },
+            "output": [],
+        }
+    }
+    old = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16"])), info)
+    assert old["1"]["inputs"] == {"prefix": "out", "dtype": "fp16"}
+    new = workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "fp16", "clamp"])), info)
+    assert new["1"]["inputs"] == {"prefix": "out", "dtype": "fp16", "overflow": "clamp"}
+    with pytest.raises(workflows.WorkflowError, match="1 widget values, expected 3"):
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out"])), info)
+    with pytest.raises(workflows.WorkflowError, match="2 widget values, expected 3"):  # not a dtype: not a shorter save
+        workflows.workflow_to_prompt(workflow(node(1, "Saver", ["out", "clamp"])), info)
+
+
+def test_use_demo_models_swaps_wans_loaders_and_relinks_clip_and_vae(workflows):
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"}},
+        "2": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "Wan/wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"},
+        },
+        "3": {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan"},
+        },
+        "4": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "a fox"}},
+        "6": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 8.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["4", 0]}},
+        "8": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 640, "height": 640, "length": 81}},
+    }
+    demo = workflows.use_demo_models(prompt)
+    assert [demo[i]["class_type"] for i in "1234"] == [workflows.DEMO_WAN_LOADER] * 4
+    assert [demo[i]["inputs"]["expert"] for i in "12"] == ["high_noise", "low_noise"]
+    assert demo["5"]["inputs"]["clip"] == ["3", 1] and demo["7"]["inputs"]["vae"] == ["4", 2]
+    assert demo["6"]["inputs"]["model"] == ["2", 0] and demo["7"]["inputs"]["samples"] == ["8", 0]
+    assert demo["8"]["inputs"] == {"width": 64, "height": 64, "length": 1}
+    assert prompt["3"]["class_type"] == "CLIPLoader"  # the input is not modified
+    for node in (
+        {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-dev.safetensors"}},
+        {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5xxl.safetensors", "type": "sd3"}},
+        {"class_type": "VAELoader", "inputs": {"vae_name": "ae.safetensors"}},
+    ):
+        with pytest.raises(workflows.WorkflowError, match="stand-ins for Wan's separate loaders only"):
+            workflows.use_demo_models({"9": node})

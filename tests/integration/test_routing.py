@@ -499,6 +499,14 @@ def test_overlapping_ranges_are_refused_when_routing(sd_pair):
         routed_model(chain)
 
 
+@pytest.mark.parametrize(("end", "unit"), [(1000.0, "timestep"), (20.0, "sigma")])
+def test_a_first_expert_with_an_empty_range_is_refused_when_routing(sd_pair, end, unit):
+    """Before, the first expert was skipped silently and the output equalled the second expert alone."""
+    a, b = sd_pair
+    with pytest.raises(ValueError, match=r"expert 1 stops at .* range would be empty"):
+        routed_model(expert(b, 0.0, experts=expert(a, end, unit)))
+
+
 def test_percent_outside_zero_to_one_is_refused(sd_pair):
     with pytest.raises(ValueError, match="outside 0…1"):
         expert(sd_pair[0], 1.5, "percent")

@@ -269,3 +269,15 @@ def test_text_encoder_part_round_trips_through_apply_and_the_stock_lora_loader(d
     shutil.copy(saved, comfyui / "models" / "loras" / saved.name)
     _, loaded_clip = nodes.LoraLoader().load_lora(base_model, base_clip, saved.name, 1.0, 1.0)
     assert max_diff(encode(loaded_clip), encode(finetuned_clip)) <= 1e-4
+
+
+def test_apply_refuses_a_task_vector_most_of_whose_keys_the_model_lacks(tiny_sd15):
+    from diffusion_merge.merging import StoredDeltas, TaskVector
+    from diffusion_merge.merging.keys import KeyMismatchError
+
+    base = tiny_sd15(0, "base")
+    fitting = extract(tiny_sd15(0, "finetune-b"), base, key_filter=r"^diffusion_model\.out\.")
+    foreign = {f"diffusion_model.other_net.{i}.weight": torch.zeros(2) for i in range(3 * len(fitting))}
+    vector = fitting.join(TaskVector(((1.0, StoredDeltas(foreign, "foreign")),)))
+    with pytest.raises(KeyMismatchError, match=r"'diffusion_model\.other_net\.0\.weight'"):
+        apply(base, vector)

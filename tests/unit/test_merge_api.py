@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from diffusion_merge import merging
+from diffusion_merge.merging import chunks
 from diffusion_merge.merging.merge import MergeCancelled, iter_merged, merge_task_vectors
 from diffusion_merge.merging.methods import METHODS, resolve_merge
 
@@ -234,3 +236,45 @@ def test_cuda_and_cpu_give_the_same_merge(method, params):
     cuda = merge_task_vectors(tvs, method, device="cuda", **params)
     for key in SHAPES:
         torch.testing.assert_close(cuda[key], cpu[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "params"), METHOD_CASES)
+def test_cpu_blocks_that_cut_keys_change_no_result(monkeypatch, tmp_path, method, params):
+    """The CPU merges in cache-sized blocks, computing a key piece by piece: every kind of source (dict, stored
+    deltas, a difference of two files) must give what whole chunks give."""
+    tvs = task_vectors()
+    g = torch.Generator().manual_seed(5)
+    base = {key: torch.randn(shape, generator=g).half() for key, shape in SHAPES.items()}
+    finetuned = {key: (base[key].float() + tvs[2][key]).half() for key in SHAPES}
+    safetensors.torch.save_file(base, tmp_path / "base.safetensors")
+    safetensors.torch.save_file(finetuned, tmp_path / "ft.safetensors")
+    files = merging.task_vector_from_files(tmp_path / "ft.safetensors", tmp_path / "base.safetensors")
+    sources = [tvs[0], merging.TaskVector(((1.0, merging.StoredDeltas(tvs[1])),)), files]
+    whole = merge_task_vectors(sources, method, device="cpu", **params)
+    monkeypatch.setattr(chunks, "CPU_BLOCK_NUMEL", 3 * 7)  # 7 columns: most keys span several blocks
+    for chunk_numel in (40, 1000):
+        blocked = merge_task_vectors(sources, method, device="cpu", chunk_numel=chunk_numel, **params)
+        for key in SHAPES:
+            assert torch.equal(whole[key], blocked[key]), (chunk_numel, key)
+
+
+@pytest.mark.parametrize(("method", "params"), METHOD_CASES[:3])
+def test_cpu_blocks_change_no_byte_of_a_merged_checkpoint(monkeypatch, tmp_path, method, params):
+    g = torch.Generator().manual_seed(6)
+    base = {"model." + key: torch.randn(shape, generator=g).half() for key, shape in SHAPES.items()}
+    paths = []
+    for index in range(3):
+        finetuned = {
+            key: (value.float() + 0.1 * torch.randn(value.shape, generator=g)).half() for key, value in base.items()
+        }
+        paths.append(tmp_path / f"ft{index}.safetensors")
+        safetensors.torch.save_file(finetuned, paths[-1])
+    safetensors.torch.save_file(base, tmp_path / "base.safetensors")
+    whole = merging.merge_checkpoint_files(
+        tmp_path / "base.safetensors", paths, tmp_path / "whole.safetensors", method, **params
+    )
+    monkeypatch.setattr(chunks, "CPU_BLOCK_NUMEL", 3 * 7)
+    blocked = merging.merge_checkpoint_files(
+        tmp_path / "base.safetensors", paths, tmp_path / "blocked.safetensors", method, **params
+    )
+    assert whole.read_bytes() == blocked.read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusion_merge.merging import topk
 from diffusion_merge.merging.chunks import Scratch
 from diffusion_merge.merging.topk import kth_largest_in_segments, kth_largest_magnitude
 
@@ -58,6 +59,15 @@ def test_the_chunks_are_read_twice_only_when_low_bits_matter():
     kth_largest_magnitude(counting("fp16", chunked(2, torch.float16)), [100] * 3, torch.device("cpu"))
     kth_largest_magnitude(counting("fp32", chunked(2)), [100] * 3, torch.device("cpu"))
     assert reads == {"fp16": 1, "fp32": 2}
+
+
+def test_counts_that_could_overflow_int32_are_moved_to_int64_on_the_way(monkeypatch):
+    """Pass 1 counts in int32 and adds them to int64 totals before they could overflow (a whole model's
+    entries in one bin would): with a tiny limit, every chunk is moved over and nothing is lost."""
+    monkeypatch.setattr(topk, "_INT32_MAX", 3000)
+    chunks = chunked(3)
+    for ranks in ([1, 2, 3], [777, 4321, 9007]):
+        assert torch.equal(streamed(chunks, ranks), reference(chunks, ranks))
 
 
 def test_a_rank_beyond_the_entries_is_refused():

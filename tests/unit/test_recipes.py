@@ -264,7 +264,12 @@ def test_the_first_matching_file_of_several_with_that_name_is_used(files, tmp_pa
 
 
 def test_in_memory_task_vectors_are_marked_not_rerunnable(files):
-    in_memory = merging.extract_task_vector(weights(1), weights(0), names=("finetuned MODEL", "base MODEL"))
+    def named(state):  # under the names a file's task vector has (bare UNet keys would not meet them)
+        return {"diffusion_model." + k: v for k, v in state.items()}
+
+    in_memory = merging.extract_task_vector(
+        named(weights(1)), named(weights(0)), names=("finetuned MODEL", "base MODEL")
+    )
     recipe = recipe_of(in_memory.scale(0.5) + tau(files, "ft_a"))
     assert recipe["rerunnable"] is False
     assert "'finetuned MODEL' and 'base MODEL'" in recipe["problems"][0]

@@ -135,6 +135,22 @@ def test_ends_must_strictly_decrease_in_sigma(sd_scale):
         resolve_ends([Boundary(0.5, "percent"), Boundary(0.2, "percent")], sd_scale)
 
 
+@pytest.mark.parametrize(("value", "unit"), [(1000, "timestep"), (999, "timestep"), (20.0, "sigma"), (0.0, "percent")])
+def test_a_first_expert_stopping_where_sampling_starts_is_refused(sd_scale, value, unit):
+    """Its range (σ above its end) would hold no step, and the second expert would run alone."""
+    with pytest.raises(ValueError, match=r"expert 1 stops at .*range would be empty: expert 2 would run every step"):
+        resolve_ends([Boundary(value, unit), Boundary(0, "sigma")], sd_scale)
+    assert resolve_ends([Boundary(998, "timestep"), Boundary(0, "sigma")], sd_scale)[0] < sd_scale.sigma_max
+
+
+def test_a_flow_model_first_expert_at_timestep_1000_is_refused():
+    scale = flow_scale(shifted(3.0))
+    scale = type(scale)(scale.sigma_from_percent, scale.sigma_from_timestep, scale.timestep_from_sigma, 1.0)
+    with pytest.raises(ValueError, match=r"expert 1 stops at timestep 1000 \(σ 1\)"):
+        resolve_ends([Boundary(1000, "timestep"), Boundary(0, "sigma")], scale)
+    assert resolve_ends([Boundary(875, "timestep"), Boundary(0, "sigma")], scale) == [0.875, 0.0]
+
+
 def test_an_empty_range_is_an_overlap(sd_scale):
     with pytest.raises(ValueError, match="range would be empty"):
         resolve_ends([Boundary(2.0, "sigma"), Boundary(2.0, "sigma")], sd_scale)

@@ -2,7 +2,7 @@
 // The text is drawn on the canvas and kept off the node's widgets, so saved workflows are unchanged.
 import { app } from "../../../scripts/app.js";
 
-const RESULT_NODES = new Set(["DM_TaskVectorInfo", "DM_TaskVectorSave", "DM_SaveCheckpointStreaming"]);
+const RESULT_NODES = new Set(["DM_TaskVectorInfo", "DM_TaskVectorSave", "DM_SaveCheckpointStreaming", "DM_ModelBlocks"]);
 const LINE_HEIGHT = 15;
 const MARGIN = 8;
 const MIN_WIDTH = 300;
