@@ -253,6 +253,13 @@ def is_base_checkpoint(name: str) -> bool:
     return stem.startswith("v1-5-pruned") or "sd_xl_base" in stem
 
 
+def needs_demo_models(prompt: dict) -> bool:
+    """Whether an API prompt loads model files by name that ``use_demo_models`` would replace (checkpoints, Wan's
+    separate loaders). The shipped examples load the built-in mini family and need no swap."""
+    swapped = {"CheckpointLoaderSimple", *WAN_LOADER_SLOTS}
+    return any(node["class_type"] in swapped for node in prompt.values())
+
+
 def use_demo_models(prompt: dict) -> dict:
     """A copy of an API prompt that runs anywhere in seconds on a CPU.
 
