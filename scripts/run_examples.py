@@ -1,15 +1,17 @@
-"""Run every shipped example workflow through a real ComfyUI server, with the tiny built-in demo models.
+"""Run every shipped example workflow through a real ComfyUI server, as shipped (they load the built-in mini family).
 
 Starts ComfyUI on the CPU with this pack loaded (all its folders under ``demo_out/``), checks that every
-node of the pack is registered, converts each ``example_workflows/*.json`` to an API prompt, swaps the
-real checkpoints for ``DM_DemoCheckpointLoader``, runs it, and writes ``demo_out/summary.json``. Exits 1
-if a node is missing or a workflow fails. ``--serve`` keeps the server (and its UI) running afterwards.
-Normally started through ``bash scripts/demo.sh``.
+node of the pack is registered, converts each ``example_workflows/*.json`` to an API prompt, runs it, and
+writes ``demo_out/summary.json``. A workflow given on the command line that names checkpoints or Wan files
+(an older or a user's workflow) runs with the tiny built-in demo models swapped in (``use_demo_models``).
+Exits 1 if a node is missing or a workflow fails. ``--serve`` keeps the server (and its UI) running
+afterwards. Normally started through ``bash scripts/demo.sh``.
 
 ``summary.json`` lists, per workflow, every file it wrote into the output folder and every image its nodes
 showed — previews such as the training plots live in ComfyUI's temp folder, which ComfyUI empties when it
-stops, so they are copied to ``demo_out/previews/<workflow>/`` — all as absolute paths, and the text each
-node showed, keyed by node id (titles repeat: a workflow may hold four "Save Range Expert LoRA" nodes).
+stops, so they are copied to ``demo_out/previews/<workflow>/`` — all as absolute paths, the pictures each
+saving node wrote and the text each node showed, keyed by node id (titles repeat: a workflow may hold four
+"Save Range Expert LoRA" nodes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from comfy_server import ComfyServer, ServerError, execution_error, find_comfyui, is_installed_in, port_is_free
-from workflows import WorkflowError, use_demo_models, workflow_to_prompt
+from workflows import WorkflowError, needs_demo_models, use_demo_models, workflow_to_prompt
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 8188
@@ -40,6 +42,7 @@ class Result:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)  # every file it wrote into the output folder
     previews: dict[str, list[str]] = field(default_factory=dict)  # node id → copies of the previews it showed
+    images: dict[str, list[str]] = field(default_factory=dict)  # node id → the pictures it saved (output folder)
     messages: dict[str, dict] = field(default_factory=dict)  # node id → {"node", "title", "text"} it showed
     error: str = ""
 
@@ -63,6 +66,15 @@ def shown_previews(server: ComfyServer, ui: dict) -> list[Path]:
     ]
 
 
+def saved_images(server: ComfyServer, ui: dict) -> list[str]:
+    """The output-folder pictures a node saved (``"type": "output"`` entries), as absolute paths."""
+    return [
+        str((server.output_dir / image.get("subfolder", "") / image["filename"]).resolve())
+        for image in ui.get("images") or []
+        if isinstance(image, dict) and image.get("type") == "output" and image.get("filename")
+    ]
+
+
 def keep_previews(paths: list[Path], folder: Path, node_id: str) -> list[str]:
     """Copy previews out of the temp folder (emptied when ComfyUI stops); returns the copies' absolute paths."""
     kept = []
@@ -81,7 +93,9 @@ def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: fl
     result = Result(path.stem)
     try:
         workflow = json.loads(path.read_text(encoding="utf-8"))
-        prompt = use_demo_models(workflow_to_prompt(workflow, object_info))
+        prompt = workflow_to_prompt(workflow, object_info)
+        if needs_demo_models(prompt):  # not a shipped example: it names files this machine may not have
+            prompt = use_demo_models(prompt)
     except (WorkflowError, ValueError) as error:
         result.status, result.error = "invalid", f"{type(error).__name__}: {error}"
         return result
@@ -102,6 +116,8 @@ def run_workflow(server: ComfyServer, path: Path, object_info: dict, timeout: fl
             result.messages[node_id] = {"node": node.get("class_type", ""), "title": title, "text": ui["text"]}
         if kept := keep_previews(shown_previews(server, ui), previews, node_id):
             result.previews[node_id] = kept
+        if saved := saved_images(server, ui):
+            result.images[node_id] = saved
     failure = execution_error(entry)
     result.status = "error" if failure or entry["status"]["status_str"] != "success" else "success"
     if failure:
@@ -206,8 +222,8 @@ def run(options: argparse.Namespace, server: ComfyServer) -> int:
 
 def serve(server: ComfyServer) -> None:
     print(f"\nComfyUI is running with the pack loaded: open {server.url} in a browser.")
-    print("Load an example from the side bar's Templates button → diffusion-merge (swap the checkpoint loaders")
-    print('for "Load Demo Checkpoint (tiny, built in)" if you have no checkpoints). Ctrl+C stops it.')
+    print("Load an example from the side bar's Templates button → diffusion-merge: each runs as it is on the")
+    print("built-in mini model family. Ctrl+C stops it.")
     try:
         server.process.wait()
     except KeyboardInterrupt:
