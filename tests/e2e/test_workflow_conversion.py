@@ -121,6 +121,13 @@ def test_use_demo_models_keeps_the_latent_size_of_mini_family_workflows(workflow
     assert workflows.use_demo_models(prompt) == prompt
 
 
+def test_only_workflows_that_name_model_files_need_the_demo_models(workflows):
+    mini = {"1": {"class_type": "DM_LoadMiniModel", "inputs": {"variant": "base"}}}
+    assert not workflows.needs_demo_models(mini)
+    for loader in ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader"):
+        assert workflows.needs_demo_models({**mini, "2": {"class_type": loader, "inputs": {}}}), loader
+
+
 DEMO_LOADER_INFO = {  # as /object_info describes DM_DemoCheckpointLoader: its seed opts out of the control
     "DM_DemoCheckpointLoader": {
         "input": {
