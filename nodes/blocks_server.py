@@ -5,7 +5,8 @@ feeding the merge. The browser cannot read model files, so it asks this route. Q
 
 - ``folder`` (``checkpoints`` or ``diffusion_models``) and ``file``: a loader's file; only its safetensors
   header is read;
-- ``demo``: the node type of one of the pack's built-in demo loaders (their tiny models are built in code);
+- ``demo``: the node type of one of the pack's built-in loaders (the tiny demo models are built in code; the
+  mini family's UNet keys are read from its committed file's header);
 - ``architecture`` and ``preset``: a named model of a supported family, for graphs whose model the route
   cannot read (the editor's architecture menu);
 - nothing: the menu itself, every architecture with its presets.
@@ -69,14 +70,25 @@ def file_groups(folder: str, name: str) -> dict:
 
 @functools.cache
 def demo_keys(node_type: str) -> tuple[str, ...]:
-    """The diffusion-model keys of a demo loader's tiny model (built once, in code)."""
+    """The diffusion-model keys of a built-in loader's model: a demo loader's tiny model (built once, in code) or
+    the mini family's UNet (every variant has base's keys)."""
     from . import demo_models
 
+    if node_type == "DM_LoadMiniModel":
+        return mini_family_keys()
     builders = {"DM_DemoCheckpointLoader": demo_models.build_sd15}
     builders.update(getattr(demo_models, "DEMO_BUILDERS", {}))
     if node_type not in builders:
         raise ValueError(f"'{node_type}' is not one of the pack's demo loaders ({', '.join(sorted(builders))})")
     return tuple(builders[node_type]().model.state_dict())
+
+
+def mini_family_keys() -> tuple[str, ...]:
+    """The mini family's UNet keys as its MODEL holds them (``diffusion_model.…``), from base's file header."""
+    from . import mini_models
+
+    path = mini_models.FAMILY_DIR / mini_models.variants()["base"].unet
+    return tuple(key.removeprefix("model.") for key in SafetensorsFile(path) if key.startswith(mini_models.UNET_PREFIX))
 
 
 def preset_groups(architecture: str, preset: str) -> dict:

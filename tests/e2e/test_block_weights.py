@@ -28,6 +28,7 @@ WAN_KEYS = [
     "head.modulation",
 ]
 DEMO_GROUPS = ["embed", "IN00", "IN01", "OUT00", "OUT01", "final"]  # the tiny UNet has no middle block
+MINI_GROUPS = ["embed", *[f"IN{i:02d}" for i in range(4)], "M00", *[f"OUT{i:02d}" for i in range(4)], "final"]
 
 
 def write_header_only_model(path: Path, keys: list[str]) -> None:
@@ -80,6 +81,8 @@ def test_route_reads_a_checkpoint_header_and_a_diffusion_model_header(server, mo
 def test_route_gives_demo_and_preset_groups(server):
     status, demo = blocks(server, demo="DM_DemoCheckpointLoader")
     assert status == 200 and [group["name"] for group in demo["groups"]] == DEMO_GROUPS
+    status, mini = blocks(server, demo="DM_LoadMiniModel")
+    assert status == 200 and [group["name"] for group in mini["groups"]] == MINI_GROUPS and not mini["ungrouped"]
     status, wan = blocks(server, demo="DM_DemoWanLoader")
     assert status == 200 and [group["name"] for group in wan["groups"]] == ["embed", "B00", "B01", "final"]
     status, flux = blocks(server, architecture="flux", preset="Flux.1 dev / schnell")
@@ -119,9 +122,16 @@ def our_errors(editor, server) -> list:
     return [m for m in editor.messages if m.kind in ("error", "pageerror") and m.mentions(ours)]
 
 
-def load_example(editor) -> tuple[dict, int, int]:
-    """The shipped merge_ties example; returns (loaded, merge node id, base loader id)."""
-    loaded = editor.load_workflow(json.loads((PACK_ROOT / "example_workflows" / "merge_ties.json").read_text()))
+def load_example(editor, checkpoint: str | None = None) -> tuple[dict, int, int]:
+    """The shipped merge_ties example (its base loader made a Load Checkpoint of ``checkpoint`` if given);
+    returns (loaded, merge node id, base loader id)."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / "merge_ties.json").read_text())
+    if checkpoint:
+        base = next(node for node in workflow["nodes"] if node.get("title") == "Base model")
+        base["type"] = base["properties"]["Node name for S&R"] = "CheckpointLoaderSimple"
+        base["properties"]["cnr_id"] = "comfy-core"
+        base["widgets_values"] = [checkpoint]  # the same MODEL, CLIP, VAE outputs as Load Mini Model
+    loaded = editor.load_workflow(workflow)
     (merge,) = [node["id"] for node in loaded["nodes"] if node["type"] == "DM_MergeTIES"]  # a string on newer editors
     base = next(node["id"] for node in loaded["saved"]["nodes"] if node.get("title") == "Base model")
     base = next(node["id"] for node in loaded["nodes"] if str(node["id"]) == str(base))
@@ -157,12 +167,10 @@ def dialog_state(editor, node_id: int) -> dict:
 
 
 def test_editor_shows_the_detected_blocks_and_writes_rule_lines(editor, server, model_files):
-    loaded, merge, base = load_example(editor)
+    loaded, merge, base = load_example(editor, "dm_blocks_sdxl.safetensors")
     saved_before = next(node for node in loaded["saved"]["nodes"] if str(node["id"]) == str(merge))["widgets_values"]
     editor.evaluate(
         """([merge, base]) => {
-             const loader = app.graph.getNodeById(base);
-             loader.widgets.find((w) => w.name === 'ckpt_name').value = 'dm_blocks_sdxl.safetensors';
              app.graph.getNodeById(merge).widgets.find((w) => w.name === 'weight_rules').value =
                'attn2 = 0.5  # cross-attention\\n@in4 = 0.25';
            }""",
@@ -203,7 +211,7 @@ def test_editor_shows_the_detected_blocks_and_writes_rule_lines(editor, server, 
 
 
 def test_editor_falls_back_to_a_chosen_architecture(editor, server, model_files):
-    _, merge, _ = load_example(editor)  # its loader names a checkpoint the server does not have
+    _, merge, _ = load_example(editor, "dm_not_on_this_server.safetensors")
     editor.evaluate(
         "(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'weight_rules').value = '@B03 = 2'; }",
         merge,
@@ -226,22 +234,16 @@ def test_editor_falls_back_to_a_chosen_architecture(editor, server, model_files)
     editor.page.locator(f"{root} .dm-close").click()
 
 
-def test_rules_from_the_editor_merge_the_demo_model(editor, server, workflows, comfy_server):
-    """A demo loader feeding the merge: the editor detects the tiny UNet's 6 groups, a slider writes
-    '@IN01 = 0.5', and the graph (converted by the editor, checkpoints swapped for demo models) runs."""
+def test_rules_from_the_editor_merge_the_mini_family(editor, server, workflows, comfy_server):
+    """The shipped example as it is (Load Mini Model feeding the merge): the editor shows the mini family's 11
+    groups, a slider writes '@IN01 = 0.5', and the graph, converted by the editor, runs."""
     _, merge, _ = load_example(editor)
     editor.evaluate(
-        """(id) => { const node = app.graph.getNodeById(id);
-                     const demo = LiteGraph.createNode('DM_DemoCheckpointLoader');
-                     demo.pos = [node.pos[0] - 400, node.pos[1]];
-                     app.graph.add(demo);
-                     demo.connect(0, node, node.findInputSlot('base'));
-                     node.widgets.find((w) => w.name === 'weight_rules').value = ''; }""",
-        merge,
+        "(id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'weight_rules').value = ''; }", merge
     )
-    open_dialog(editor, merge, len(DEMO_GROUPS))
+    open_dialog(editor, merge, len(MINI_GROUPS))
     state = dialog_state(editor, merge)
-    assert state["blocks"] == DEMO_GROUPS and "DM_DemoCheckpointLoader (built in)" in state["status"]
+    assert state["blocks"] == MINI_GROUPS and "DM_LoadMiniModel (built in)" in state["status"]
     number = editor.page.locator(
         f".dm-block-weights[data-node-id='{merge}'] .dm-block[data-block='IN01'] input[type=number]"
     )
@@ -251,7 +253,8 @@ def test_rules_from_the_editor_merge_the_demo_model(editor, server, workflows, c
     assert dialog_state(editor, merge)["rules"] == "@IN01 = 0.5"
     editor.page.locator(f".dm-block-weights[data-node-id='{merge}'] .dm-close").click()
 
-    prompt = workflows.use_demo_models(editor.graph_to_prompt())
+    prompt = editor.graph_to_prompt()
+    assert not workflows.needs_demo_models(prompt)
     for node in prompt.values():
         if isinstance(node["inputs"].get("filename_prefix"), str):
             node["inputs"]["filename_prefix"] = f"browser_test/{node['inputs']['filename_prefix']}"

@@ -19,7 +19,7 @@ const MERGE_NODES = new Set([
   "DM_MergeLocalizeAndStitch",
   "DM_MergeDRM",
 ]);
-const DEMO_LOADERS = new Set(["DM_DemoCheckpointLoader", "DM_DemoWanLoader"]);
+const DEMO_LOADERS = new Set(["DM_DemoCheckpointLoader", "DM_DemoWanLoader", "DM_LoadMiniModel"]);
 const FILE_WIDGETS = { ckpt_name: "checkpoints", unet_name: "diffusion_models" };
 const RULES = "weight_rules";
 const ROUTE = "/diffusion_merge/blocks";
