@@ -2,8 +2,9 @@
 
 Checks what an artist sees: the editor loads our extensions without errors, every DM_ node can be added
 from the node search, every shipped workflow opens with no missing node or widget, saves back unchanged
-and, converted by the editor itself, queues to success on the tiny demo models; the σ-range preview and
-the SuperDiff κ plot draw. Screenshots are kept in ``test-artifacts/browser/``.
+and, converted by the editor itself, queues to success as it is (the examples load the built-in mini family;
+no loader is swapped); the σ-range preview and the SuperDiff κ plot draw. Screenshots are kept in
+``test-artifacts/browser/``.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def node_ids_of_type(loaded: dict, node_type: str) -> list[int]:
 
 
 def queue_and_wait(server, editor, workflows, comfy_server) -> dict:
-    """Queue the open graph as the editor converts it (tiny demo models swapped in) and wait for it.
+    """Queue the open graph exactly as the editor converts it (no loader swapped) and wait for it.
     Files are saved under ``output/browser_test/`` so that other tests' output checks do not see them."""
-    prompt = workflows.use_demo_models(editor.graph_to_prompt())
+    prompt = editor.graph_to_prompt()
+    assert not workflows.needs_demo_models(prompt), "a shipped example names model files a user may not have"
     for node in prompt.values():
         if isinstance(node["inputs"].get("filename_prefix"), str):
             node["inputs"]["filename_prefix"] = f"browser_test/{node['inputs']['filename_prefix']}"

@@ -1,4 +1,4 @@
-"""The shipped DeMe training example inside a real ComfyUI server, with the built-in tiny models."""
+"""The shipped DeMe training example inside a real ComfyUI server, as shipped (the built-in mini family)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "example_workflows" / "deme_trai
 
 
 def test_deme_example_trains_merges_and_routes_four_experts(server, object_info, workflows, comfy_server):
-    prompt = workflows.use_demo_models(workflows.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info))
+    prompt = workflows.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info)
+    assert not workflows.needs_demo_models(prompt)
     trainers = [node for node in prompt.values() if node["class_type"] == "DM_TrainRangeExpertLoRA"]
     ranges = sorted((node["inputs"]["range_min"], node["inputs"]["range_max"]) for node in trainers)
     assert ranges == [(0, 250), (250, 500), (500, 750), (750, 1000)]
-    assert all(node["inputs"]["steps"] == workflows.DEMO_TRAINING_STEPS for node in trainers)
+    assert all(node["inputs"]["steps"] <= 50 for node in trainers), "the example must stay quick when queued"
     stacks = [node["inputs"]["weight"] for node in prompt.values() if node["class_type"] == "DM_TaskVectorStack"]
     assert stacks == [0.1, 0.1, 0.2, 0.5]
 
