@@ -207,7 +207,7 @@ def task_vectors(g: Graph) -> None:
     applied = g.node("DM_TaskVectorApply", 3, model=base["MODEL"], task_vector=tau[0], strength=0.5, clip=base["CLIP"])
     models = {
         "task_vector_base": ("the base", base["MODEL"]),
-        "task_vector_applied": ("base + 0.5 τ", applied["MODEL"]),
+        "task_vector_applied": ("base + half the task vector", applied["MODEL"]),
     }
     compare_samples(g, 4, models, applied["CLIP"], base["VAE"], "cyan")
 

@@ -90,9 +90,9 @@ def test_task_vector_example_moves_the_base_towards_the_fine_tune(pictures, clas
     found = pictures("task_vectors")
     footwear = set(data.CLASS_GROUPS["footwear"])
     base = share_in(classifier, found["the base"], footwear)
-    applied = share_in(classifier, found["base + 0.5 τ"], footwear)
+    applied = share_in(classifier, found["base + half the task vector"], footwear)
     assert applied >= base + 0.25, f"footwear share: base {base:.2f}, base + 0.5 τ {applied:.2f}"
-    assert colour_share(found["base + 0.5 τ"], "cyan") >= 0.75
+    assert colour_share(found["base + half the task vector"], "cyan") >= 0.75
 
 
 @pytest.mark.parametrize("name", ["merge_task_arithmetic", "merge_ties"])
