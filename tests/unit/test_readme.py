@@ -18,7 +18,10 @@ import pytest
 PACK_ROOT = Path(__file__).resolve().parents[2]
 README = (PACK_ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.DOTALL)
-PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+# Blocks that run inside ComfyUI's process (they import the pack's nodes) are run by the integration tests
+# (tests/integration/test_mini_family.py runs the mini family's); the others run here, without ComfyUI.
+IN_COMFYUI = [code for lang, code in BLOCKS if lang == "python" and "diffusion_merge.nodes" in code]
+PYTHON = [code for lang, code in BLOCKS if lang == "python" and code not in IN_COMFYUI]
 SHELL = [code for lang, code in BLOCKS if lang in ("bash", "sh", "shell")]
 
 # What the README's Python blocks take as given: checkpoint-layout state dicts and files named as in the text.
@@ -63,6 +66,7 @@ def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_readme_has_code_blocks():
     assert len(PYTHON) >= 3 and len(SHELL) >= 3
+    assert len(IN_COMFYUI) == 1, "a block that needs ComfyUI's process must be run by an integration test"
 
 
 @pytest.mark.parametrize("code", PYTHON, ids=[f"python-{i}" for i in range(len(PYTHON))])
