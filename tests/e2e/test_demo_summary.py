@@ -64,7 +64,9 @@ def test_summary_keys_messages_by_node_id_and_lists_every_output(server, object_
     assert all(tmp_path / "previews" / "deme_train" in path.parents for path in previews), "kept beside summary.json"
     savers = {node["id"]: node for node in json.loads(workflow.read_text())["nodes"] if node["type"] == "SaveImage"}
     assert sorted(map(int, result["images"])) == sorted(savers), "each saving node's pictures, by node id"
-    assert all(len(paths) == 8 and all(p in result["outputs"] for p in paths) for paths in result["images"].values())
+    for node_id, paths in result["images"].items():
+        # a saving node served from ComfyUI's cache shows the files an earlier run of the same graph wrote
+        assert len(paths) == 8 and all(Path(path).is_file() for path in paths), (node_id, paths)
     listed = result["outputs"] + [path for images in result["previews"].values() for path in images]
     assert listed and all(Path(path).is_absolute() and Path(path).is_file() for path in listed)
     assert sum(path.endswith(".safetensors") for path in result["outputs"]) >= 4
