@@ -57,6 +57,7 @@ class Preset:
     expert_steps: int = 400
     expert_batch: int = 32
     expert_lr: float = 1e-3
+    expert_rank: int = 4  # rank 4 keeps the committed family within its 25 MB
     expert_images: int = 4096
     ema: float = 0.999
     # Wall-clock budgets per stage (GPU presets: the run must fit a fixed time); None = steps only.
@@ -713,7 +714,7 @@ def train_experts(args, preset: Preset, log: Log) -> dict:
             output = training.TrainRangeExpertLoRA.execute(
                 model, samples, positive, range_unit="timestep", range_min=float(low), range_max=float(high),
                 antithetic=True, loss_space="eps/v", steps=preset.expert_steps, batch_size=preset.expert_batch,
-                learning_rate=preset.expert_lr, rank=8, seed=args.seed, training_dtype="fp32", lora_dtype="fp32",
+                learning_rate=preset.expert_lr, rank=preset.expert_rank, seed=args.seed, training_dtype="fp32", lora_dtype="fp32",
                 gradient_checkpointing=False, grad_clip=1.0,
             )  # fmt: skip
         seconds = time.monotonic() - start
