@@ -1,6 +1,7 @@
 """Decom-Renorm-Merge (DRM, Chaichana et al. 2025, arXiv 2505.23117) for one weight matrix.
 
-papers.md §4.1: stack the N deltas of a 2-D weight, take one joint SVD, renormalise each model's block of
+The paper's algorithm (``docs/methods.md``, Merging note 4): stack the N deltas of a 2-D weight, take one
+joint SVD, renormalise each model's block of
 the basis, trim jointly by magnitude, elect signs and take the disjoint mean of the per-model coordinates,
 and map the merged coordinates back through the shared basis. Parameters that are not 2-D weights take the
 TIES-like branch in :mod:`merging.merge`. Deviations from the official code (README, "Conventions"):
@@ -43,7 +44,7 @@ def is_linear(key: str, shape: tuple[int, ...], conv: bool) -> bool:
 
     Like the official ``.*weight.*`` rule without embeddings / output heads. Conv kernels (3-D to 5-D) are
     read as (out, in·k·k) matrices only with ``conv=True`` — an extension neither the paper nor its code
-    defines (papers.md §4.4 pitfall 4).
+    defines (docs/methods.md, Merging note 4).
     """
     if "weight" not in key.rsplit(".", 1)[-1] or _EXCLUDED.search(key) or math.prod(shape) == 0:
         return False
@@ -99,7 +100,7 @@ def merge_matrix(
 def _merge_vertical(
     stack: torch.Tensor, *, keep: float, sign: str | None, weights: torch.Tensor | None, scratch: Scratch
 ) -> torch.Tensor:
-    """DRM-V (papers.md §4.1 steps 1–9) on the active models' deltas (N, rows, cols)."""
+    """DRM-V (arXiv 2505.23117, steps 1–9 of the algorithm) on the active models' deltas (N, rows, cols)."""
     tasks, rows, cols = stack.shape
     left, singular, right = _canonical_signs(*torch.linalg.svd(stack.reshape(tasks * rows, cols), full_matrices=False))
     rank = int((singular > RANK_CUTOFF * singular[0]).sum())

@@ -35,7 +35,7 @@ class RankRule:
 RANK_RULES: dict[str, RankRule] = {
     # TIES official: kthvalue(|τ|, d − ⌊k·d⌋), keep ≥ → the (⌊k·d⌋+1)-th largest, ties included.
     "ties": RankRule(rank=lambda keep, d: min(d, int(keep * d) + 1), strict=False),
-    # LaS official: threshold = the ⌊k·d⌋-th largest |τ|, keep strictly greater (papers.md §3.1, §3.4).
+    # LaS official: threshold = the ⌊k·d⌋-th largest |τ|, keep strictly greater (docs/methods.md, Merging note 2).
     "las": RankRule(rank=lambda keep, d: min(d, max(1, int(keep * d))), strict=True),
     # DRM official: keeps round(n·(1 − drop_rate)) + 1 entries, i.e. ≥ the (round(n·keep)+1)-th largest.
     "drm": RankRule(rank=lambda keep, d: min(d, round(keep * d) + 1), strict=False),

@@ -1,7 +1,7 @@
 """SuperDiff inside ComfyUI: the component chain, the N-model guider and the reverse-SDE sampler loop.
 
 The maths lives in ``merging.superdiff``; this module only connects it to ComfyUI's sampling path
-(``comfyui-internals.md`` §C):
+(``CFGGuider`` → ``KSAMPLER`` → model):
 
 - :class:`SuperDiffGuider` (a ``CFGGuider``) holds N components (MODEL, positive, optional negative, cfg).
   Components are grouped by MODEL; every conditioning of one group is evaluated in ONE

@@ -1,6 +1,6 @@
 """Training a range-expert LoRA inside ComfyUI: the glue around ``merging.training_schedules``.
 
-How it uses ComfyUI (comfyui-internals.md §D; re-implemented from the description, nothing copied):
+How it uses ComfyUI (re-implemented from ComfyUI's interfaces, nothing copied; docs/architecture.md):
 
 - **Adapters** (``training_adapters``). A clone of the MODEL gets ComfyUI's trainable adapters as weight
   wrappers; their parameters are ComfyUI's LoRA dict, which the stock loaders and ``SaveLoRANode`` understand.

@@ -104,7 +104,7 @@ def test_flow_timesteps_are_a_thousand_times_sigma():
     scale = flow_scale(shifted(8.0))
     assert scale.to_sigma(Boundary(875, "timestep")) == pytest.approx(0.875)  # Wan 2.2's T2V boundary
     assert scale.timestep_from_sigma(0.9) == pytest.approx(900)
-    assert scale.to_sigma(Boundary(0.5, "percent")) == pytest.approx(0.8889, abs=1e-4)  # shift 8, table in §C.2
+    assert scale.to_sigma(Boundary(0.5, "percent")) == pytest.approx(0.8889, abs=1e-4)  # shift 8
 
 
 def test_percent_from_sigma_inverts_the_percent_rule():

@@ -191,7 +191,8 @@ def test_ito_estimate_tracks_the_exact_log_density_of_a_gaussian():
 
 
 def test_the_reference_or_sign_on_the_epsilon_term_is_badly_biased():
-    """§2.5 pitfall 1: +|Δσ|‖ε‖²/σ (the authors' OR branch) instead of Thm. 1's minus drifts by hundreds of nats."""
+    """SuperDiff note 1 (docs/methods.md): +|Δσ|‖ε‖²/σ (the authors' OR branch) instead of Thm. 1's minus drifts
+    by hundreds of nats."""
     sigmas = ve_sigmas(256)
     start, end, log_density, _ = run_toy("ve", sigmas, MEANS[:1], sd.SuperDiffSettings(), samples=500, seed=5)
     exact_error = estimator_error("ve", sigmas, start, end, log_density, MEANS[:1]).mean().item()
