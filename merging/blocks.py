@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .keys import UNET_PREFIX
 
@@ -70,7 +71,7 @@ class Architecture:
         return [*names, "final"]
 
 
-_UNET = dict(
+_UNET: dict[str, Any] = dict(
     series=(
         Series("IN", "input_blocks", "input block"),
         Series("OUT", "output_blocks", "output block"),
@@ -183,7 +184,7 @@ def block_pattern(name: str) -> str:
         return _ROOT + _alternatives(_FINAL)
     if name in _SINGLE:
         return _ROOT + re.escape(_SINGLE[name]) + r"(?:\.|$)"
-    prefix, index = _NUMBERED.match(name).groups()
+    prefix, index = _numbered(name)
     return _ROOT + re.escape(_SERIES[prefix].module) + rf"\.{int(index)}\."
 
 
@@ -254,12 +255,25 @@ def group_of(path: str, arch: Architecture) -> str | None:
     return None
 
 
+def _numbered(name: str) -> tuple[str, str]:
+    """(series prefix, index digits) of a numbered block name such as ``IN04``."""
+    match = _NUMBERED.match(name)
+    if match is None:
+        raise ValueError(f"'{name}' is not a numbered block name")
+    return match.group(1), match.group(2)
+
+
+def _numbered_prefix(name: str) -> str | None:
+    match = _NUMBERED.match(name)
+    return match.group(1) if match else None
+
+
 def group_keys(keys: Iterable[str], architecture: Architecture | None = None) -> BlockGroups:
     """Split a key list into its architecture's block groups (detected unless given)."""
     keys = list(keys)
     arch = architecture or detect_architecture(keys)
     found: dict[str, list[str]] = {}
-    ungrouped = []
+    ungrouped: list[str] = []
     for path in module_paths(keys):
         group = group_of(path, arch)
         (found.setdefault(group, []) if group else ungrouped).append(path)
@@ -273,8 +287,8 @@ def _group_order(arch: Architecture, found: Iterable[str]) -> list[str]:
     ordered = ["embed"]
     for series in arch.series:
         ordered += sorted(
-            (n for n in names if _NUMBERED.match(n) and _NUMBERED.match(n).group(1) == series.prefix),
-            key=lambda n: int(_NUMBERED.match(n).group(2)),
+            (n for n in names if _numbered_prefix(n) == series.prefix),
+            key=lambda n: int(_numbered(n)[1]),
         )
         if series.prefix == "IN":
             ordered += list(arch.single)

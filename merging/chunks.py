@@ -356,13 +356,14 @@ def gather_row(source: DeltaSource, chunk: Chunk, device: torch.device, row: tor
             if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
                 row[segment.span].zero_()
         return row
-    parts = [source.fetch(segment.key, device) for segment in chunk.segments]
-    if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+    fetched = [source.fetch(segment.key, device) for segment in chunk.segments]
+    parts = [part for part in fetched if part is not None]
+    if len(parts) == len(fetched) and all(part.dtype == parts[0].dtype for part in parts):
         flat = [part.reshape(-1) for part in parts]
         if parts[0].dtype == torch.float32:
             return torch.cat(flat, out=row)
         return torch.cat(flat)
-    for segment, part in zip(chunk.segments, parts, strict=True):
+    for segment, part in zip(chunk.segments, fetched, strict=True):
         if part is None:
             row[segment.span].zero_()
         else:

@@ -83,11 +83,11 @@ def merge_matrix(
         active = deltas.flatten(1).abs().amax(dim=1) > 0
         result = _merge_vertical_on_device(stack, active, keep=keep, sign=sign, weights=weights, scratch=scratch)
         return result.T if horizontal else result
-    active = (deltas.flatten(1).abs().amax(dim=1) > 0).tolist()
+    active_models = (deltas.flatten(1).abs().amax(dim=1) > 0).tolist()
     merged = torch.zeros(deltas.shape[1:], dtype=torch.float32, device=deltas.device)
-    if not any(active):
+    if not any(active_models):
         return merged
-    index = torch.tensor([i for i, on in enumerate(active) if on], device=deltas.device)
+    index = torch.tensor([i for i, on in enumerate(active_models) if on], device=deltas.device)
     stack = deltas.index_select(0, index)
     if weights is not None:
         weights = weights.index_select(0, index)

@@ -38,13 +38,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
 
-    def read(self, key: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
+    def read(self, key: str, buffer: ByteMemory | None = None) -> torch.Tensor:
         """One tensor; with ``buffer`` it lands in that reused memory, valid until the buffer's next use."""
         dtype, shape, (begin, end) = self._entry(key)
         return self._read(dtype, shape, begin, end, buffer)
@@ -147,7 +148,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         except KeyError:
             raise KeyError(f"'{self.path.name}' has no tensor '{key}'") from None
 
-    def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ReadBuffer | None = None) -> torch.Tensor:
+    def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ByteMemory | None = None) -> torch.Tensor:
         start, size = self._data_start + begin, end - begin
         raw = buffer.take(size) if buffer is not None else torch.empty(size, dtype=torch.uint8)
         if size:
@@ -155,7 +156,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 self.check_unchanged()
                 handle = self._open()
                 handle.seek(start)
-                if handle.readinto(raw.numpy()) != size:
+                if handle.readinto(raw.numpy()) != size:  # type: ignore[arg-type]  # ndarray is a writable buffer
                     raise NotSafetensorsError(f"'{self.path.name}' is truncated")
                 if buffer is not None and self.drop_behind and size >= DROP_BEHIND_MIN_BYTES:
                     os.posix_fadvise(handle.fileno(), start, size, os.POSIX_FADV_DONTNEED)
@@ -199,6 +200,12 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
+
+
+class ByteMemory(Protocol):
+    """Where a read lands: ``take(size)`` gives ``size`` bytes, valid until its next use."""
+
+    def take(self, size: int) -> torch.Tensor: ...
 
 
 class ReadBuffer:
@@ -415,9 +422,9 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     live writer holds locked (earlier versions took no lock: their files must be a day old). Each removal is
     logged. Problems are logged and skipped: a save never fails because of this.
     """
-    removed = []
+    removed: list[Path] = []
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     now = time.time()
@@ -541,8 +548,7 @@ def _largest_magnitude(tensor: torch.Tensor) -> float:
         return 0.0
     if tensor.dtype in _FLOAT8:
         tensor = tensor.to(torch.float16)
-    low, high = torch.aminmax(tensor)
-    low, high = float(low), float(high)
+    low, high = (float(value) for value in torch.aminmax(tensor))
     return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 

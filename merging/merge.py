@@ -188,7 +188,7 @@ class _MergeRun:
         """Each task's exact threshold over all raw keys (TIES / LaS / DRM non-linear trims)."""
         chunks = plan_chunks(self.shapes, self.raw_keys, self.chunk_numel)
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
-        rank = self._rule.rank(self.config.keep, entries)
+        rank = self._rule.rank(self.config.trim_keep, entries)
 
         passes = itertools.count()
 
@@ -230,10 +230,10 @@ class _MergeRun:
         elif config.consensus is not CombineStep.DISJOINT_MEAN:
             raise ValueError(f"merge method '{config.method.name}': unknown combine step {config.consensus!r}")
         elif config.method.weights_after_election:
-            consensus.disjoint_mean(stack, config.sign, out, self.scratch, weights_after_election=weights)
+            consensus.disjoint_mean(stack, config.election, out, self.scratch, weights_after_election=weights)
         else:
             consensus.scale_rows_(stack, weights)
-            consensus.disjoint_mean(stack, config.sign, out, self.scratch)
+            consensus.disjoint_mean(stack, config.election, out, self.scratch)
 
     def _weighted_sum_of_rows(self, chunk: Chunk, out: torch.Tensor) -> None:
         """Σ wᵢτᵢ straight from each task's concatenated keys, in their stored dtype (accelerators).
@@ -267,7 +267,7 @@ class _MergeRun:
                 sparsify.apply_threshold_(stack, thresholds, self._rule.strict, mask)
             elif config.params.get("topk_scope") == "per_tensor":
                 tables = self.tables if devices.batched_kernels(self.device) else None
-                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask, tables, self.scratch)
+                sparsify.trim_per_tensor_(stack, chunk, config.trim_keep, self._rule, mask, tables, self.scratch)
             # else: no threshold needed — the trim keeps every entry (sparsify.trim_is_identity)
         elif config.method.sparsify is not Sparsify.NONE:
             raise ValueError(f"merge method '{config.method.name}': unknown sparsify stage {config.method.sparsify!r}")
@@ -284,7 +284,7 @@ class _MergeRun:
             cols = segment.numel // rows
             result = drm.merge_matrix(
                 deltas.view(len(self.sources), rows, cols),
-                keep=self.config.method.basis_keep(params),
+                keep=self.config.basis_keep,
                 sign=self.config.sign,
                 weights=self.weights,
                 horizontal=drm.transposes(params["direction"], rows, cols),
@@ -336,7 +336,7 @@ class _MergeRun:
         if config.params.get("topk_scope") == "per_tensor":
             return False
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
-        return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
+        return entries > 0 and not sparsify.trim_is_identity(self._rule, config.trim_keep, entries)
 
     def _check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():

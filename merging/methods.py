@@ -192,6 +192,27 @@ class MergeConfig:
         return self.method.keep(self.params) if self.method.keep else None
 
     @property
+    def trim_keep(self) -> float:
+        """The fraction a magnitude trim keeps (only for methods that trim by magnitude)."""
+        if self.method.keep is None:
+            raise ValueError(f"merge method '{self.method.name}' has no magnitude trim")
+        return self.method.keep(self.params)
+
+    @property
+    def basis_keep(self) -> float:
+        """The fraction the SVD basis trim keeps (only for methods that merge in the SVD basis)."""
+        if self.method.basis_keep is None:
+            raise ValueError(f"merge method '{self.method.name}' has no SVD basis")
+        return self.method.basis_keep(self.params)
+
+    @property
+    def election(self) -> str:
+        """The sign election rule (only for a disjoint mean)."""
+        if self.sign is None:
+            raise ValueError(f"merge method '{self.method.name}' elects no sign here")
+        return self.sign
+
+    @property
     def uniform_weights(self) -> bool:
         return all(w == 1.0 for w in self.weights)
 

@@ -84,6 +84,8 @@ def trim_per_tensor_(
             thresholds = kth_largest_magnitude_dense(stack[:, span], rank)
             apply_threshold_(stack[:, span], thresholds, rule.strict, mask[:, span])
         return
+    if scratch is None:
+        raise ValueError("trim_per_tensor_ with tables needs a scratch")
     every_rank = tables.table(("ranks", rule, keep), lambda: _segment_ranks(tables, rule, keep), torch.int64)
     ranks = every_rank[tables.segments(chunk)]
     segment_ids = tables.segment_ids(chunk, scratch)

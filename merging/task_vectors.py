@@ -193,7 +193,7 @@ class TaskVector:
     base_fingerprint: str | None = None
     nonfinite: str = "error"
     sources: tuple[str, ...] = ()
-    _shapes: dict = field(default=None, init=False, repr=False, compare=False)
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -347,7 +347,9 @@ class TaskVector:
 
 def same_architecture(first: str | None, second: str | None) -> bool:
     """Whether two base fingerprints (``<architecture>-<weights>``) name the same architecture."""
-    return bool(first and second) and first.split("-")[0] == second.split("-")[0]
+    if not (first and second):
+        return False
+    return first.split("-")[0] == second.split("-")[0]
 
 
 class _Selected(DeltaLeaf):

@@ -39,7 +39,7 @@ def checkpoint_plan(model, clip=None, vae=None) -> list[tuple[str, object, str |
     owners = _tensor_identities(model.model.diffusion_model, "unet:diffusion_model.")
     if clip is not None:
         owners.update(_tensor_identities(clip.cond_stage_model, "clip:"))
-    plan = []
+    plan: list[tuple[str, object, str | None]] = []
     for key, tensor in layout.items():
         owner = owners.get(tensor.data_ptr()) if tensor.numel() else None
         plan.append((key, tensor, owner))
@@ -110,7 +110,8 @@ class SaveCheckpointStreaming(io.ComfyNode):
 
 def checkpoint_metadata(model, prompt, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """The recipes of task vectors patched into the model, the pack version and the prompt."""
-    recipes, applied = [], []
+    recipes: list = []
+    applied: list = []
     for patches in model.patches.values():
         for patch in patches:
             value = patch[1]

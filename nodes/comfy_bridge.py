@@ -165,14 +165,19 @@ def projection_task_vector(finetuned, base) -> TaskVector | None:
     if not tuned and not original:
         return None
     tuned_deltas, base_deltas = projection_deltas(tuned), projection_deltas(original)
-    deltas = {}
+    deltas: dict[str, torch.Tensor] = {}
     for key in sorted(set(tuned_deltas) | set(base_deltas)):
         one, other = tuned_deltas.get(key), base_deltas.get(key)
         if one is not None and other is not None and one.shape != other.shape:
             raise ValueError(
                 f"projection '{key}' is {tuple(one.shape)} in the fine-tune but {tuple(other.shape)} in the base"
             )
-        deltas[key] = (one if one is not None else 0) - (other if other is not None else 0)
+        if one is not None and other is not None:
+            deltas[key] = one - other
+        elif one is not None:
+            deltas[key] = one
+        elif other is not None:
+            deltas[key] = -other
     return TaskVector(((1.0, StoredDeltas(deltas, "channel projections")),))
 
 

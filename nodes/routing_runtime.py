@@ -448,13 +448,16 @@ class RoutingRun:
     def encode_conds(self, guider, noise, latent_image, denoise_mask, seed) -> None:
         """Conditioning encoded by each other model class (e.g. the SDXL refiner's own ``y``)."""
         self.conds_by_arch = {_arch_key(self.router.primary_module): guider.conds}
+        raw_conds = self.raw_conds
+        if raw_conds is None:
+            raise RuntimeError("routing: the conditioning was not captured before it was encoded")
         device = guider.model_patcher.load_device
         shapes = compat.packed_latent_shapes(guider.inner_model)
         for patcher, kind in zip(self.router.canonical, self.router.kinds, strict=True):
             key = _arch_key(patcher.model)
             if kind is not Kind.DELEGATE or key in self.conds_by_arch:
                 continue
-            conds = {name: [c.copy() for c in items] for name, items in self.raw_conds.items()}
+            conds = {name: [c.copy() for c in items] for name, items in raw_conds.items()}
             compat.set_latent_shapes(patcher.model, shapes)
             self.conds_by_arch[key] = compat.process_conds(
                 patcher.model, noise, conds, device, latent_image, denoise_mask, seed, shapes

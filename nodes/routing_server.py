@@ -21,7 +21,7 @@ import sys
 import comfy.model_sampling
 import comfy.samplers
 
-from ..merging.schedules import Boundary, assign_steps, resolve_ends, step_spans
+from ..merging.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
 from .routing_runtime import parameterisation, remembered_sampling, sigma_scale
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _boundaries(ends: str, units: str) -> list[Boundary]:
     names = [u.strip() for u in units.split(",") if u.strip()]
     if len(values) != len(names):
         raise ValueError(f"{len(values)} ends but {len(names)} units")
-    return [Boundary(float(value), name) for value, name in zip(values, names, strict=True)]
+    return [Boundary(float(value), Unit(name)) for value, name in zip(values, names, strict=True)]
 
 
 async def sigmas_route(request):

@@ -95,6 +95,14 @@ def _weights_key(patcher) -> tuple:
     return id(patcher.model), patcher.patches_uuid, objects
 
 
+def _every(tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The per-component predictions, every one of which a model group has filled in."""
+    missing = [index + 1 for index, tensor in enumerate(tensors) if tensor is None]
+    if missing:
+        raise RuntimeError(f"no prediction for SuperDiff component(s) {missing}")
+    return [tensor for tensor in tensors if tensor is not None]
+
+
 def check_components(components: tuple[Component, ...]) -> str:
     """Refuse component lists SuperDiff cannot sample; returns their common parameterisation ('ve'/'flow')."""
     if not components:
@@ -126,6 +134,7 @@ def check_components(components: tuple[Component, ...]) -> str:
             )
         kind = this_kind
     _check_shared_modules(components)
+    assert kind is not None  # set by the first component
     return kind
 
 
@@ -302,16 +311,21 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
             predictions = comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, options)
             outputs = dict(zip(group.cond_names, predictions, strict=True))
             for index in group.members:
-                positives[index] = outputs[self.names[index][0]]
-                others[index] = (
-                    outputs[self.names[index][1]]
-                    if together
-                    else self._guided(index, outputs, base_model, x, timestep, options, processed)
-                )
-        positive = torch.stack(positives)
+                positive_name, negative_name = self.names[index]
+                positives[index] = outputs[positive_name]
+                if not together:
+                    others[index] = self._guided(index, outputs, base_model, x, timestep, options, processed)
+                elif negative_name is None:  # `together` means every component has a negative
+                    raise RuntimeError(f"SuperDiff component {index + 1} has no negative to guide with")
+                else:
+                    others[index] = outputs[negative_name]
+        positive = torch.stack(_every(positives))
         if not together:
-            return positive, torch.stack(others)
-        negative = others[0] if all(other is others[0] for other in others) else torch.stack(others)
+            return positive, torch.stack(_every(others))
+        first = others[0]
+        negative = (
+            first if first is not None and all(other is first for other in others) else torch.stack(_every(others))
+        )
         return positive, negative + (positive - negative) * self._cfg_scales(positive)  # CFG, as cfg_function
 
     def _cfg_scales(self, like: torch.Tensor) -> float | torch.Tensor:

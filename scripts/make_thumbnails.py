@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from browser import Editor
-from comfy_server import ComfyServer, find_comfyui
+from comfy_in_process import find_comfyui
+from comfy_server import ComfyServer
 from PIL import Image
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
