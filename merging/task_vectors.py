@@ -224,10 +224,6 @@ class TaskVector:
         return len(self._shapes)
 
     @property
-    def parameter_count(self) -> int:
-        return sum(math.prod(s) for s in self._shapes.values())
-
-    @property
     def recipe(self) -> dict:
         return {"sum": [{"coefficient": c, **leaf.describe()} for c, leaf in self.terms]}
 

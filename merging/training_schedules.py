@@ -70,10 +70,6 @@ class TimeRange:
     def width(self) -> float:
         return self.high - self.low
 
-    def mirror(self, times: torch.Tensor) -> torch.Tensor:
-        """The antithetic partner of each time inside the range: low + high − u."""
-        return self.low + self.high - times
-
 
 WHOLE_SCHEDULE = TimeRange(0.0, 1.0)
 

@@ -15,6 +15,7 @@ from ..merging.io import parse_dtype, write_safetensors
 from ..merging.recipes import RECIPE_METADATA_KEY, not_rerunnable_recipe
 from . import comfy_bridge as bridge
 from . import compat
+from .common import hidden_input
 from .compat import io
 from .types import CATEGORY, DTYPE_CHOICES, overflow_input
 
@@ -101,7 +102,7 @@ class SaveCheckpointStreaming(io.ComfyNode):
         target = parse_dtype(dtype)
         plan = checkpoint_plan(model, clip, vae)
         specs = [(key, output_dtype(tensor, target), tuple(tensor.shape)) for key, tensor, _ in plan]
-        metadata = checkpoint_metadata(model, getattr(cls.hidden, "prompt", None), target)
+        metadata = checkpoint_metadata(model, hidden_input(cls, "prompt"), target)
         stream = stream_checkpoint(plan, model, clip, target, mm.get_torch_device())
         write_safetensors(path, specs, stream, metadata, bridge.KeyProgress(len(plan)), overflow)
         relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())

@@ -51,9 +51,6 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
         weight = convert(mm.cast_to_device(weight, device, torch.float32, copy=True), inplace=True)
         return comfy.lora.calculate_weight(patches, weight, original_key)
 
-    def is_patched(self, key: str) -> bool:
-        return len(self._entries[key][1]) > 1
-
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -23,6 +23,7 @@ from ..merging.recipes import (
 from ..merging.task_vector_files import task_vector_from_files
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
+from .common import hidden_input
 from .compat import io, ui
 from .types import CATEGORY, TaskVectorType
 
@@ -218,7 +219,7 @@ class RunRecipe(io.ComfyNode):
         if kind == "checkpoint" or write_file:
             folder = RESULT_FOLDERS[kind]
             path = bridge.output_path(filename_prefix, default_folder=folder)
-            vector = write_again(recipe, paths, path, cls.hidden, run)
+            vector = write_again(recipe, paths, path, hidden_input(cls, "prompt"), run)
             relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())
             lines.append(f"wrote output/{relative.as_posix()}")
         else:
@@ -246,10 +247,10 @@ def load_recipe(recipe_file: str, recipe_json: str) -> dict:
     return read_recipe(recipe_json)
 
 
-def write_again(recipe: dict, paths: dict, path: Path, hidden, run: dict) -> TaskVector:
-    """Write the recipe's file to ``path``; returns the task vector the node outputs for it."""
+def write_again(recipe: dict, paths: dict, path: Path, prompt, run: dict) -> TaskVector:
+    """Write the recipe's file to ``path``; returns the task vector the node outputs for it (``prompt``: the
+    workflow's, for the file's metadata, or None)."""
     metadata = {"dm_version": merging.__version__}
-    prompt = getattr(hidden, "prompt", None)
     if prompt is not None:
         metadata["prompt"] = json.dumps(prompt)
     kind = recipe["result"]["kind"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..merging.schedules import UNITS, Boundary
 from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
+from .common import hidden_input
 from .compat import io
 from .routing_server import register_routes
 from .types import CATEGORY, TaskVectorType
@@ -101,11 +102,6 @@ def _expert(model, end, unit, cfg, positive, negative) -> runtime.Expert:
     return runtime.Expert(model, Boundary(float(end), unit), float(cfg) or None, positive, negative)
 
 
-def _node_id(cls) -> str | None:
-    hidden = getattr(cls, "hidden", None)  # unset when called outside a prompt
-    return getattr(hidden, "unique_id", None)
-
-
 # -- nodes ------------------------------------------------------------------------------------------
 
 
@@ -180,7 +176,7 @@ class RoutedModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, memory_mode="resident"):
-        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, _node_id(cls))
+        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, hidden_input(cls, "unique_id"))
         router.warn_about_ignored_settings(uses_guider=False)
         return io.NodeOutput(routed)
 
@@ -215,7 +211,7 @@ class RoutedGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, positive, negative, cfg=8.0, memory_mode="resident"):
-        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, _node_id(cls))
+        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, hidden_input(cls, "unique_id"))
         router.warn_about_ignored_settings(uses_guider=True)
         return io.NodeOutput(runtime.RoutedGuider(routed, router, positive, negative, cfg))
 

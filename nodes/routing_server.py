@@ -22,7 +22,8 @@ import comfy.model_sampling
 import comfy.samplers
 
 from ..merging.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
-from .routing_runtime import parameterisation, remembered_sampling, sigma_scale
+from .common import parameterisation, sigma_scale
+from .routing_runtime import remembered_sampling
 
 logger = logging.getLogger(__name__)
 

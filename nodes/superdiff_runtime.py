@@ -38,6 +38,7 @@ import torch
 
 from ..merging import superdiff as sd
 from . import compat
+from .common import model_family, weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +83,8 @@ def sampling_kind(model_sampling) -> str:
     )
 
 
-def _family(patcher) -> str:
-    return type(patcher.model.model_config).__name__
-
-
 def _latent_format(patcher) -> str:
     return type(patcher.get_model_object("latent_format")).__name__
-
-
-def _weights_key(patcher) -> tuple:
-    objects = tuple(sorted((name, id(value)) for name, value in patcher.object_patches.items()))
-    return id(patcher.model), patcher.patches_uuid, objects
 
 
 def _every(tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -122,8 +114,8 @@ def check_components(components: tuple[Component, ...]) -> str:
             )
         if _latent_format(model) != _latent_format(first):
             raise ValueError(
-                f"component {number} ({_family(model)}) has latent format {_latent_format(model)} but component 1 "
-                f"({_family(first)}) has {_latent_format(first)}: SuperDiff mixes scores in one latent space — "
+                f"component {number} ({model_family(model)}) has latent format {_latent_format(model)} but component 1 "
+                f"({model_family(first)}) has {_latent_format(first)}: SuperDiff mixes scores in one latent space — "
                 "use models of one family"
             )
         this_kind = sampling_kind(model.get_model_object("model_sampling"))
@@ -141,7 +133,7 @@ def check_components(components: tuple[Component, ...]) -> str:
 def _check_shared_modules(components: tuple[Component, ...]) -> None:
     seen: dict[int, tuple[int, tuple]] = {}
     for number, component in enumerate(components, start=1):
-        key = _weights_key(component.model)
+        key = weights_key(component.model)
         first_number, first_key = seen.setdefault(key[0], (number, key))
         if first_key != key:
             raise ValueError(

@@ -12,6 +12,7 @@ from ..merging.channel_projection import is_companion_file
 from ..merging.task_vector_files import load_task_vector, save_task_vector, task_vector_from_files
 from ..merging.task_vectors import TaskVector, extract_task_vector, summarize
 from . import comfy_bridge as bridge
+from .common import hidden_input
 from .compat import io, ui
 from .types import (
     CATEGORY,
@@ -231,7 +232,7 @@ class TaskVectorSave(io.ComfyNode):
     ):
         path = bridge.output_path(filename_prefix, default_folder=bridge.TASK_VECTOR_FOLDER)
         metadata = {"dm_version": merging.__version__}
-        prompt = getattr(cls.hidden, "prompt", None)  # hidden is unset when called outside a prompt
+        prompt = hidden_input(cls, "prompt")
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         save_task_vector(

@@ -22,8 +22,8 @@ from ..merging.training_schedules import (
 )
 from . import comfy_bridge as bridge
 from . import training_runtime as runtime
+from .common import hidden_input, sigma_scale
 from .compat import io, ui
-from .routing_runtime import sigma_scale
 from .training_plots import loss_panel, momentum_panel, sigma_histogram_panel, stacked, to_image_batch
 from .types import CATEGORY, overflow_input
 
@@ -32,11 +32,6 @@ LORA_FOLDER = "loras"
 CurriculumType = io.Custom("DM_TIMESTEP_CURRICULUM")
 MomentumDecayType = io.Custom("DM_MOMENTUM_DECAY")
 ChannelProjectionType = io.Custom("DM_CHANNEL_PROJECTION")
-
-
-def _hidden(cls, name: str):
-    hidden = getattr(cls, "hidden", None)  # unset when called outside a prompt
-    return getattr(hidden, name, None)
 
 
 # -- inputs of the trainer -------------------------------------------------------------------------
@@ -303,10 +298,10 @@ class TrainRangeExpertLoRA(io.ComfyNode):
             channel_projection=channel_projection,
             momentum=momentum_decay,
         )
-        result = runtime.train_range_expert(model, latents, positive, settings, _hidden(cls, "unique_id"))
+        result = runtime.train_range_expert(model, latents, positive, settings, hidden_input(cls, "unique_id"))
         histogram = sigma_histogram_panel(result.log, timesteps, steps)
         panels = [loss_panel(result.log), histogram, *([momentum_panel(result.log)] if momentum_decay else [])]
-        preview = ui.PreviewImage(to_image_batch(stacked(panels)), cls=cls if _hidden(cls, "prompt") else None)
+        preview = ui.PreviewImage(to_image_batch(stacked(panels)), cls=cls if hidden_input(cls, "prompt") else None)
         return io.NodeOutput(
             result.model,
             result.lora,
@@ -465,7 +460,7 @@ class SaveRangeExpertLoRA(io.ComfyNode):
             raise ValueError("the LoRA is empty: connect the trainer's lora output")
         path = bridge.output_path(filename_prefix, default_folder=LORA_FOLDER)
         metadata = {"dm_version": merging.__version__}
-        prompt = _hidden(cls, "prompt")
+        prompt = hidden_input(cls, "prompt")
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         tensors = {key: value.detach().cpu().contiguous() for key, value in lora.items()}

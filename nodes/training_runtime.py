@@ -40,7 +40,7 @@ from comfy_extras.nodes_custom_sampler import Guider_Basic
 from ..merging.training_schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
 from . import compat
 from . import projection as projection_patches
-from .routing_runtime import sigma_scale
+from .common import sigma_scale
 from .training_adapters import AdapterSwitch, attach_adapters, frozen_parameters, gradient_checkpointing
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")

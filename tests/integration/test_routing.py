@@ -23,7 +23,7 @@ from comfy_extras import nodes_model_advanced
 
 import nodes
 from diffusion_merge.merging.schedules import Boundary
-from diffusion_merge.nodes import routing, routing_runtime, routing_server, routing_weights
+from diffusion_merge.nodes import common, routing, routing_runtime, routing_server, routing_weights
 from diffusion_merge.nodes import task_vectors as tv_nodes
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +256,7 @@ def test_dpmpp_2m_routed_run_is_one_continuous_solve(sd_pair):
 
 def test_boundaries_in_sigma_percent_and_timestep_route_identically(sd_pair):
     a, b = sd_pair
-    scale = routing_runtime.sigma_scale(a.get_model_object("model_sampling"))
+    scale = common.sigma_scale(a.get_model_object("model_sampling"))
     percent = 0.42
     sigma = scale.to_sigma(Boundary(percent, "percent"))
     timestep = scale.timestep_from_sigma(sigma)
@@ -393,7 +393,7 @@ def test_sdxl_base_to_refiner_encodes_the_refiners_own_conditioning(comfyui):
     positive = [[torch.randn(1, 77, 64, generator=g(1)), {"pooled_output": torch.randn(1, 1280, generator=g(2))}]]
     negative = [[torch.randn(1, 77, 64, generator=g(3)), {"pooled_output": torch.randn(1, 1280, generator=g(4))}]]
     routed = two_experts(base, refiner, 0.8, "percent")
-    boundary = routing_runtime.sigma_scale(base.get_model_object("model_sampling")).to_sigma(Boundary(0.8, "percent"))
+    boundary = common.sigma_scale(base.get_model_object("model_sampling")).to_sigma(Boundary(0.8, "percent"))
     switch = next(i for i, sigma in enumerate(sigmas_of(base).tolist()) if sigma <= boundary)
     out = ksample(routed, positive=positive, negative=negative)
     split = split_sample(base, refiner, switch, positives=(positive, positive), negative=negative)
