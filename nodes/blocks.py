@@ -11,11 +11,8 @@ import math
 
 from ..merging.blocks import describe_groups, group_keys
 from . import comfy_bridge as bridge
-from .blocks_server import register_routes
 from .compat import io, ui
 from .types import CATEGORY
-
-register_routes()
 
 
 class ModelBlocks(io.ComfyNode):

@@ -19,6 +19,7 @@ from ..merging.channel_projection import companion_path, is_projection_key, load
 from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
 from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, fingerprint
 from . import projection
+from .common import register_folder
 
 logger = logging.getLogger(__name__)
 
@@ -272,15 +273,7 @@ def _is_plain_lora(adapter: LoRAAdapter) -> bool:
 
 def register_task_vector_folder() -> None:
     """``models/task_vectors`` (and ``output/task_vectors``, where the save node writes) as a model folder."""
-    paths = [
-        os.path.join(folder_paths.models_dir, TASK_VECTOR_FOLDER),
-        os.path.join(folder_paths.get_output_directory(), TASK_VECTOR_FOLDER),
-    ]
-    if TASK_VECTOR_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[TASK_VECTOR_FOLDER] = ([], set(SAFETENSORS_SUFFIXES))
-    known, suffixes = folder_paths.folder_names_and_paths[TASK_VECTOR_FOLDER]
-    suffixes.update(SAFETENSORS_SUFFIXES)
-    known.extend(p for p in paths if p not in known)
+    register_folder(TASK_VECTOR_FOLDER, SAFETENSORS_SUFFIXES)
 
 
 def safetensors_choices(*folders: str) -> list[str]:
@@ -324,7 +317,10 @@ def files_fingerprint(names_and_folders: list[tuple[str, tuple[str, ...]]]) -> s
 def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safetensors") -> Path:
     """A new numbered file inside ComfyUI's output folder for a user prefix such as ``task_vectors/tau``.
 
-    Absolute prefixes and ``..`` components are refused before anything touches the disk.
+    Names and counters come from ComfyUI's own ``folder_paths.get_save_image_path`` (so ``%year%``, ``%month%``,
+    ``%day%``, ``%hour%``, ``%minute%``, ``%second%`` are filled in as for images). Absolute prefixes and ``..``
+    components are refused before anything touches the disk, and a folder that resolves outside the output
+    folder (a symbolic link) afterwards.
     """
     prefix = filename_prefix.strip().replace("\\", "/")
     parts = PurePath(prefix).parts
@@ -333,20 +329,18 @@ def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safet
     if len(parts) == 1:
         prefix = f"{default_folder}/{prefix}"
     output_dir = Path(folder_paths.get_output_directory()).resolve()
-    folder, name = os.path.split(prefix)
-    target_dir = (output_dir / folder).resolve()
-    if not target_dir.is_relative_to(output_dir):
-        raise ValueError(f"filename prefix '{filename_prefix}' points outside the output folder")
+    _check_inside(output_dir / os.path.dirname(prefix), output_dir, filename_prefix)
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(output_dir))
+    target_dir = _check_inside(Path(folder), output_dir, filename_prefix)
     target_dir.mkdir(parents=True, exist_ok=True)
-    counter = 1 + max((_counter_of(p.name, name, suffix) for p in target_dir.iterdir()), default=0)
     return target_dir / f"{name}_{counter:05d}_{suffix}"
 
 
-def _counter_of(filename: str, name: str, suffix: str) -> int:
-    stem = filename.removeprefix(name + "_").removesuffix("_" + suffix)
-    if filename.startswith(name + "_") and filename.endswith("_" + suffix) and stem.isdigit():
-        return int(stem)
-    return 0
+def _check_inside(folder: Path, output_dir: Path, filename_prefix: str) -> Path:
+    resolved = folder.resolve()
+    if not resolved.is_relative_to(output_dir):
+        raise ValueError(f"filename prefix '{filename_prefix}' points outside the output folder")
+    return resolved
 
 
 class KeyProgress:

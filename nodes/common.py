@@ -7,11 +7,18 @@ imports another (training no longer depends on routing).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Iterable
 
 import comfy.model_sampling
+import folder_paths
 import torch
 
 from ..merging.schedules import SigmaScale, discrete_scale, flow_scale
+
+logger = logging.getLogger(__name__)
 
 _PARAMETERISATIONS = (
     comfy.model_sampling.CONST,
@@ -75,3 +82,28 @@ def hidden_input(node_cls, name: str):
     """A hidden input of a V3 node (``"prompt"``, ``"unique_id"``, ``"extra_pnginfo"``), or None — also when
     the node runs outside a prompt, where ComfyUI sets no hidden values."""
     return getattr(getattr(node_cls, "hidden", None), name, None)
+
+
+# -- registration (called from the extension's load hook, never at import) --------------------------
+
+
+def register_folder(name: str, suffixes: Iterable[str]) -> None:
+    """``models/<name>`` and ``output/<name>`` (where the pack's save nodes write) as a ComfyUI model folder of
+    files with ``suffixes``; idempotent, and keeps folders other code added."""
+    paths = [os.path.join(folder_paths.models_dir, name), os.path.join(folder_paths.get_output_directory(), name)]
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([], set(suffixes))
+    known, known_suffixes = folder_paths.folder_names_and_paths[name]
+    known_suffixes.update(suffixes)
+    known.extend(p for p in paths if p not in known)
+
+
+def add_get_route(path: str, handler) -> bool:
+    """Add a GET route to ComfyUI's server when one is running (not in in-process tests); whether it was."""
+    server = sys.modules.get("server")  # imported by main.py before custom nodes load
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        logger.debug("no PromptServer instance: %s not registered", path)
+        return False
+    instance.routes.get(path)(handler)
+    return True

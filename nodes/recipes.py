@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -23,7 +22,7 @@ from ..merging.recipes import (
 from ..merging.task_vector_files import task_vector_from_files
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
-from .common import hidden_input
+from .common import hidden_input, register_folder
 from .compat import io, ui
 from .types import CATEGORY, TaskVectorType
 
@@ -40,15 +39,7 @@ RESULT_FOLDERS = {"task_vector": bridge.TASK_VECTOR_FOLDER, "checkpoint": "check
 
 def register_recipe_folder() -> None:
     """``models/recipes`` and ``output/recipes`` (where Save Recipe writes) as a folder of ``.json`` recipes."""
-    paths = [
-        os.path.join(folder_paths.models_dir, RECIPE_FOLDER),
-        os.path.join(folder_paths.get_output_directory(), RECIPE_FOLDER),
-    ]
-    if RECIPE_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[RECIPE_FOLDER] = ([], set(RECIPE_SUFFIXES))
-    known, suffixes = folder_paths.folder_names_and_paths[RECIPE_FOLDER]
-    suffixes.update(RECIPE_SUFFIXES)
-    known.extend(p for p in paths if p not in known)
+    register_folder(RECIPE_FOLDER, RECIPE_SUFFIXES)
 
 
 def recipe_sources() -> list[str]:

@@ -12,13 +12,10 @@ from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
 from .common import hidden_input
 from .compat import io
-from .routing_server import register_routes
 from .types import CATEGORY, TaskVectorType
 
 ROUTING_CATEGORY = f"{CATEGORY}/routing"
 ExpertListType = io.Custom("DM_EXPERT_LIST")
-
-register_routes()
 
 
 # -- shared inputs ----------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ The answer holds the σ schedule, each expert's end in σ, the expert of every s
 from __future__ import annotations
 
 import logging
-import sys
 
 import comfy.model_sampling
 import comfy.samplers
 
 from ..merging.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
-from .common import parameterisation, sigma_scale
+from .common import add_get_route, parameterisation, sigma_scale
 from .routing_runtime import remembered_sampling
 
 logger = logging.getLogger(__name__)
@@ -105,13 +104,5 @@ async def sigmas_route(request):
 def register_routes() -> bool:
     """Add :data:`ROUTE` to ComfyUI's server when one is running (not in in-process tests); idempotent."""
     global _registered
-    if _registered:
-        return True
-    server = sys.modules.get("server")  # imported by main.py before custom nodes load
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        logger.debug("no PromptServer instance: %s not registered", ROUTE)
-        return False
-    instance.routes.get(ROUTE)(sigmas_route)
-    _registered = True
-    return True
+    _registered = _registered or add_get_route(ROUTE, sigmas_route)
+    return _registered
