@@ -65,7 +65,7 @@ class Architecture:
         counts = self.presets[preset]
         names = ["embed"]
         for series in self.series:
-            names += [block_name(series.prefix, index) for index in range(counts[series.prefix])]
+            names += [numbered_block_name(series.prefix, index) for index in range(counts[series.prefix])]
             if series.prefix == "IN":
                 names += list(self.single)
         return [*names, "final"]
@@ -156,7 +156,7 @@ NAMING_HELP = (
 )
 
 
-def block_name(prefix: str, index: int) -> str:
+def numbered_block_name(prefix: str, index: int) -> str:
     return f"{prefix}{index:02d}"
 
 
@@ -167,9 +167,9 @@ def canonical_block_name(name: str) -> str:
         return name
     match = _NUMBERED.match(name)
     if match and match.group(1).upper() in _SERIES:
-        return block_name(match.group(1).upper(), int(match.group(2)))
-    if match and block_name(match.group(1).upper(), int(match.group(2))) in _SINGLE:
-        return block_name(match.group(1).upper(), int(match.group(2)))
+        return numbered_block_name(match.group(1).upper(), int(match.group(2)))
+    if match and numbered_block_name(match.group(1).upper(), int(match.group(2))) in _SINGLE:
+        return numbered_block_name(match.group(1).upper(), int(match.group(2)))
     raise ValueError(f"unknown block '{name}' (known: {NAMING_HELP})")
 
 
@@ -251,7 +251,7 @@ def group_of(path: str, arch: Architecture) -> str | None:
     for series in arch.series:
         if top == series.module:
             index = rest.split(".", 1)[0]
-            return block_name(series.prefix, int(index)) if index.isdigit() else None
+            return numbered_block_name(series.prefix, int(index)) if index.isdigit() else None
     return None
 
 

@@ -158,7 +158,7 @@ def weights_fingerprint(
     return digest.hexdigest()[:16]
 
 
-def fingerprint(mapping: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
+def state_dict_fingerprint(mapping: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
     """``<architecture>-<weights>``: the first half matches for any two models of one architecture."""
 
     def head(key: str, count: int) -> torch.Tensor:

@@ -547,7 +547,7 @@ def _finite(value) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def fingerprint(tensor: torch.Tensor) -> str:
+def latent_fingerprint(tensor: torch.Tensor) -> str:
     """A content hash of a latent (to find the trace of the run that produced it)."""
     data = tensor.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.blake2b(digest_size=16)

@@ -19,7 +19,7 @@ import torch
 
 from .device import best_device
 from .io import ReadBuffer, as_float32, read_tensor, shape_of
-from .keys import check_shared_keys, fingerprint, normalise_key, normalised, select_keys
+from .keys import check_shared_keys, normalise_key, normalised, select_keys, state_dict_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ def extract_task_vector(
         raise ValueError(f"{names[0]} has no keys")
     return TaskVector(
         ((1.0, leaf),),
-        base_fingerprint=fingerprint(base, {k: shape_of(base, k) for k in base}),
+        base_fingerprint=state_dict_fingerprint(base, {k: shape_of(base, k) for k in base}),
         nonfinite=nonfinite,
         sources=names,
     )
@@ -434,7 +434,7 @@ def apply_task_vector(
 _BLOCK_INDEX = re.compile(r"^\d+$")
 
 
-def block_name(key: str) -> str:
+def coarse_block_of(key: str) -> str:
     """The block a key belongs to: its path up to and including the first numeric index."""
     parts = key.split(".")
     if parts and parts[0] in ("diffusion_model", "text_encoders"):
@@ -456,7 +456,7 @@ def summarize(vector: TaskVector, device: torch.device | str | None = None) -> d
         total_sq += square
         zeros += int((delta == 0).sum())
         params += delta.numel()
-        name = block_name(key)
+        name = coarse_block_of(key)
         blocks[name] = blocks.get(name, 0.0) + square
     return {
         "keys": len(vector),

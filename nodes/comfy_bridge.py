@@ -17,7 +17,7 @@ from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
 from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
 from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
-from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, fingerprint
+from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, state_dict_fingerprint
 from . import projection
 from .common import register_folder
 
@@ -75,9 +75,10 @@ def model_weights(model) -> PatchedWeights:
 
 
 def model_fingerprint(model) -> str:
-    """The base fingerprint (:func:`merging.keys.fingerprint`) of a MODEL's effective diffusion-model weights."""
+    """The base fingerprint (:func:`merging.keys.state_dict_fingerprint`) of a MODEL's effective diffusion-model
+    weights."""
     weights = model_weights(model)
-    return fingerprint(weights, {key: weights.shape_of(key) for key in weights})
+    return state_dict_fingerprint(weights, {key: weights.shape_of(key) for key in weights})
 
 
 def clip_weights(clip) -> Mapping[str, torch.Tensor]:

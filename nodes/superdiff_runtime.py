@@ -354,7 +354,7 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
         self._pending_trace = trace
 
     def _remember(self, output: torch.Tensor, trace: sd.SuperDiffTrace) -> None:
-        key = sd.fingerprint(output)
+        key = sd.latent_fingerprint(output)
         self.traces[key] = trace
         self.traces.move_to_end(key)
         while len(self.traces) > _REMEMBERED_TRACES:
@@ -363,7 +363,7 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
 
     def trace_for(self, samples: torch.Tensor) -> sd.SuperDiffTrace:
         """The trace of the run that returned ``samples`` (a LATENT's samples), or a ValueError saying why not."""
-        trace = self.traces.get(sd.fingerprint(samples))
+        trace = self.traces.get(sd.latent_fingerprint(samples))
         if trace is None:
             raise ValueError(
                 "this latent was not sampled with this SuperDiff guider (or was changed afterwards): connect the "

@@ -393,4 +393,4 @@ def test_trace_plot_data_is_small_json():
     assert data["density_steps"][0] == 0 and data["density_steps"][-1] == steps
     assert "3 components" in str(trace)
     a = torch.randn(1, 4, 8, 8)
-    assert sd.fingerprint(a) == sd.fingerprint(a.clone()) != sd.fingerprint(a + 1e-3)
+    assert sd.latent_fingerprint(a) == sd.latent_fingerprint(a.clone()) != sd.latent_fingerprint(a + 1e-3)

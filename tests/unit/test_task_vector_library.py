@@ -16,7 +16,7 @@ from diffusion_merge import merging
 from diffusion_merge.merging.io import NotSafetensorsError, ReadBuffer, SafetensorsFile, write_safetensors
 from diffusion_merge.merging.keys import architecture_fingerprint, unet_key_map
 from diffusion_merge.merging.task_vector_files import saved_key
-from diffusion_merge.merging.task_vectors import block_name
+from diffusion_merge.merging.task_vectors import coarse_block_of
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +150,7 @@ def test_summary_counts_norms_and_sparsity():
     ],
 )
 def test_block_names(key, block):
-    assert block_name(key) == block
+    assert coarse_block_of(key) == block
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -269,11 +269,13 @@ def test_fingerprint_ignores_storage_precision_but_not_weights(pair):
     finetuned, base = pair
     shapes = {k: tuple(v.shape) for k, v in base.items()}
     half = {k: v.half().float() for k, v in base.items()}
-    from diffusion_merge.merging.keys import fingerprint
+    from diffusion_merge.merging.keys import state_dict_fingerprint
 
-    assert fingerprint(half, shapes) == fingerprint({k: v.half() for k, v in base.items()}, shapes)
-    assert fingerprint(half, shapes) != fingerprint(finetuned, shapes)
-    assert architecture_fingerprint(shapes) == fingerprint(finetuned, shapes).split("-")[0]
+    assert state_dict_fingerprint(half, shapes) == state_dict_fingerprint(
+        {k: v.half() for k, v in base.items()}, shapes
+    )
+    assert state_dict_fingerprint(half, shapes) != state_dict_fingerprint(finetuned, shapes)
+    assert architecture_fingerprint(shapes) == state_dict_fingerprint(finetuned, shapes).split("-")[0]
 
 
 def test_lora_pairs_expand_to_scaled_products():
