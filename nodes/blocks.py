@@ -15,7 +15,7 @@ from .compat import io, ui
 from .types import CATEGORY
 
 
-class ModelBlocks(io.ComfyNode):
+class ModelBlocksNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -72,4 +72,4 @@ def format_blocks(summary: dict) -> str:
     return "\n".join(lines)
 
 
-NODES = [ModelBlocks]
+NODES = [ModelBlocksNode]

@@ -63,7 +63,7 @@ def output_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if tensor.is_floating_point() else tensor.dtype
 
 
-class SaveCheckpointStreaming(io.ComfyNode):
+class SaveCheckpointStreamingNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -143,4 +143,4 @@ def checkpoint_recipe(applied: list, dtype: torch.dtype) -> dict:
     )
 
 
-NODES = [SaveCheckpointStreaming]
+NODES = [SaveCheckpointStreamingNode]

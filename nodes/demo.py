@@ -9,7 +9,7 @@ from .compat import io
 from .types import CATEGORY
 
 
-class DemoCheckpointLoader(io.ComfyNode):
+class DemoCheckpointLoaderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -56,4 +56,4 @@ class DemoCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-NODES = [DemoCheckpointLoader]
+NODES = [DemoCheckpointLoaderNode]

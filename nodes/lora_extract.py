@@ -18,7 +18,7 @@ from .types import CATEGORY, DTYPE_CHOICES, TaskVectorType
 RANK_MODES = ("rank", "energy")
 
 
-class TaskVectorToLoRA(io.ComfyNode):
+class TaskVectorToLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -148,4 +148,4 @@ class TaskVectorToLoRA(io.ComfyNode):
         return io.NodeOutput(load_lora(path), json.dumps(report.summary()), ui=ui.PreviewText(text))
 
 
-NODES = [TaskVectorToLoRA]
+NODES = [TaskVectorToLoRANode]

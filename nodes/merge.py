@@ -22,12 +22,11 @@ from ..merging.methods import COMMON_DEFAULTS, METHODS, TOPK_SCOPES
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
 from .compat import io
-from .types import CATEGORY, TaskVectorType
+from .types import CATEGORY, TaskVectorStackType, TaskVectorType
 
 logger = logging.getLogger(__name__)
 
 MERGE_CATEGORY = f"{CATEGORY}/merging"
-TaskVectorStackType = io.Custom("DM_TASK_VECTOR_STACK")
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Widget defaults and options come from the library, the one place that defines them.
 LAM = COMMON_DEFAULTS["lam"]
@@ -42,7 +41,7 @@ class StackEntry:
     weight: float
 
 
-class TaskVectorStack(io.ComfyNode):
+class TaskVectorStackNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -158,7 +157,7 @@ def warn_on_other_bases(base, vectors: list[TaskVector]) -> None:
             )
 
 
-class MergeTaskArithmetic(io.ComfyNode):
+class MergeTaskArithmeticNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -175,7 +174,7 @@ class MergeTaskArithmetic(io.ComfyNode):
         return run_merge(base, task_vectors, "weighted", weight_rules, lam=lam)
 
 
-class MergeTIES(io.ComfyNode):
+class MergeTIESNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -228,7 +227,7 @@ class MergeTIES(io.ComfyNode):
         return run_merge(base, task_vectors, "ties", weight_rules, k=k, topk_scope=topk_scope, sign=sign, lam=lam)
 
 
-class MergeDARE(io.ComfyNode):
+class MergeDARENode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -289,7 +288,7 @@ class MergeDARE(io.ComfyNode):
         )
 
 
-class MergeLocalizeAndStitch(io.ComfyNode):
+class MergeLocalizeAndStitchNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -320,7 +319,7 @@ class MergeLocalizeAndStitch(io.ComfyNode):
         return run_merge(base, task_vectors, "las", weight_rules, k=k, lam=lam)
 
 
-class MergeDRM(io.ComfyNode):
+class MergeDRMNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -375,4 +374,11 @@ class MergeDRM(io.ComfyNode):
         )
 
 
-NODES = [TaskVectorStack, MergeTaskArithmetic, MergeTIES, MergeDARE, MergeLocalizeAndStitch, MergeDRM]
+NODES = [
+    TaskVectorStackNode,
+    MergeTaskArithmeticNode,
+    MergeTIESNode,
+    MergeDARENode,
+    MergeLocalizeAndStitchNode,
+    MergeDRMNode,
+]

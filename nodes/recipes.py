@@ -94,7 +94,7 @@ def find_input(name: str) -> list[Path]:
     return found
 
 
-class SaveRecipe(io.ComfyNode):
+class SaveRecipeNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -142,7 +142,7 @@ def describe(recipe: dict) -> list[str]:
     return [head, *recipe_inputs_table(recipe)]
 
 
-class RunRecipe(io.ComfyNode):
+class RunRecipeNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -253,4 +253,4 @@ def write_again(recipe: dict, paths: dict, path: Path, prompt, run: dict) -> Tas
     return merging.load_lora(path) if kind == "lora" else vector
 
 
-NODES = [SaveRecipe, RunRecipe]
+NODES = [SaveRecipeNode, RunRecipeNode]

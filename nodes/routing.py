@@ -12,10 +12,9 @@ from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
 from .common import hidden_input
 from .compat import io
-from .types import CATEGORY, TaskVectorType
+from .types import CATEGORY, ExpertListType, TaskVectorType
 
 ROUTING_CATEGORY = f"{CATEGORY}/routing"
-ExpertListType = io.Custom("DM_EXPERT_LIST")
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def _expert(model, end, unit, cfg, positive, negative) -> runtime.Expert:
 # -- nodes ------------------------------------------------------------------------------------------
 
 
-class RouteExpert(io.ComfyNode):
+class RouteExpertNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -121,7 +120,7 @@ class RouteExpert(io.ComfyNode):
         return io.NodeOutput(runtime.append_expert(experts, _expert(model, end, unit, cfg, positive, negative)))
 
 
-class RouteTaskVectorExpert(io.ComfyNode):
+class RouteTaskVectorExpertNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -156,7 +155,7 @@ class RouteTaskVectorExpert(io.ComfyNode):
         return io.NodeOutput(runtime.append_expert(experts, _expert(model, end, unit, cfg, positive, negative)))
 
 
-class RoutedModel(io.ComfyNode):
+class RoutedModelNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -178,7 +177,7 @@ class RoutedModel(io.ComfyNode):
         return io.NodeOutput(routed)
 
 
-class RoutedGuider(io.ComfyNode):
+class RoutedGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -213,4 +212,4 @@ class RoutedGuider(io.ComfyNode):
         return io.NodeOutput(runtime.RoutedGuider(routed, router, positive, negative, cfg))
 
 
-NODES = [RouteExpert, RouteTaskVectorExpert, RoutedModel, RoutedGuider]
+NODES = [RouteExpertNode, RouteTaskVectorExpertNode, RoutedModelNode, RoutedGuiderNode]

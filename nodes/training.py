@@ -25,13 +25,10 @@ from . import training_runtime as runtime
 from .common import hidden_input, sigma_scale
 from .compat import io, ui
 from .training_plots import loss_panel, momentum_panel, sigma_histogram_panel, stacked, to_image_batch
-from .types import CATEGORY, overflow_input
+from .types import CATEGORY, ChannelProjectionType, CurriculumType, MomentumDecayType, overflow_input
 
 TRAINING_CATEGORY = f"{CATEGORY}/training"
 LORA_FOLDER = "loras"
-CurriculumType = io.Custom("DM_TIMESTEP_CURRICULUM")
-MomentumDecayType = io.Custom("DM_MOMENTUM_DECAY")
-ChannelProjectionType = io.Custom("DM_CHANNEL_PROJECTION")
 
 
 # -- inputs of the trainer -------------------------------------------------------------------------
@@ -192,7 +189,7 @@ def _optimisation_inputs() -> list[io.Input]:
     ]
 
 
-class TrainRangeExpertLoRA(io.ComfyNode):
+class TrainRangeExpertLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -424,7 +421,7 @@ class MomentumDecayNode(io.ComfyNode):
         return io.NodeOutput(MomentumDecay(schedule, float(beta1_start), float(beta1_floor), bool(compensate_lr)))
 
 
-class SaveRangeExpertLoRA(io.ComfyNode):
+class SaveRangeExpertLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -476,4 +473,4 @@ class SaveRangeExpertLoRA(io.ComfyNode):
         return io.NodeOutput(ui={"text": [f"saved {names}"]})
 
 
-NODES = [TrainRangeExpertLoRA, TimestepCurriculumNode, MomentumDecayNode, SaveRangeExpertLoRA]
+NODES = [TrainRangeExpertLoRANode, TimestepCurriculumNode, MomentumDecayNode, SaveRangeExpertLoRANode]
