@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from . import device as devices
+from .buffers import Scratch
 from .io import shape_of
 from .keys import check_shared_keys, normalised
 from .task_vectors import TaskVector, same_architecture
@@ -309,26 +310,6 @@ class ChunkTables:
         if len(ids) == 1:
             return scratch.get("segment_ids", (chunk.numel,), torch.int32).zero_()
         return torch.repeat_interleave(ids, self.numels[span], output_size=chunk.numel)
-
-
-class Scratch:
-    """Reusable work buffers, one per name and dtype, grown to the largest request.
-
-    Freshly allocated CPU tensors of this size cost more in page faults than the arithmetic done on them;
-    reusing buffers across chunks avoids that (on CUDA the caching allocator already does).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        numel = math.prod(shape)
-        buffer = self._buffers.get((name, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[(name, dtype)] = buffer
-        return buffer[:numel].view(shape)
 
 
 def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, out: torch.Tensor) -> torch.Tensor:

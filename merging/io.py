@@ -38,9 +38,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
+
+from .buffers import ByteMemory, Scratch
 
 try:
     import fcntl
@@ -202,29 +204,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self.__dict__.update(state, _lock=threading.Lock())
 
 
-class ByteMemory(Protocol):
-    """Where a read lands: ``take(size)`` gives ``size`` bytes, valid until its next use."""
-
-    def take(self, size: int) -> torch.Tensor: ...
-
-
-class ReadBuffer:
-    """Reusable memory for tensors read from files and consumed before the next read (not thread-safe).
-
-    A fresh multi-megabyte allocation per tensor is a new memory map whose pages fault in one by one;
-    streaming an SDXL checkpoint that way spent most of its time in the kernel.
-    """
-
-    def __init__(self):
-        self._bytes = torch.empty(0, dtype=torch.uint8)
-
-    def take(self, size: int) -> torch.Tensor:
-        if self._bytes.numel() < size:
-            self._bytes = torch.empty(size, dtype=torch.uint8)
-        return self._bytes[:size]
-
-
-def as_float32(tensor: torch.Tensor, buffer: ReadBuffer) -> torch.Tensor:
+def as_float32(tensor: torch.Tensor, buffer: ByteMemory) -> torch.Tensor:
     """``tensor`` in fp32: itself, or on the CPU a copy in ``buffer`` (valid until the buffer's next use).
 
     Upcast explicitly before mixing dtypes: on the CPU an in-place ``fp32.sub_(fp16)`` allocates a hidden
@@ -237,11 +217,39 @@ def as_float32(tensor: torch.Tensor, buffer: ReadBuffer) -> torch.Tensor:
     return buffer.take(tensor.numel() * 4).view(torch.float32).view(tensor.shape).copy_(tensor)
 
 
-def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ReadBuffer) -> torch.Tensor:
+@runtime_checkable
+class LazyTensors(Protocol):
+    """A key → tensor mapping that can answer without materialising whole tensors: safetensors files, renamed
+    views of them, a MODEL's patched weights. Plain dicts of tensors are the other kind of mapping the library
+    takes; the helpers :func:`read_tensor`, :func:`shape_of` and :func:`head_of` accept both."""
+
+    def __getitem__(self, key: str) -> torch.Tensor: ...
+
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        """The tensor, read into ``buffer`` where it comes from a file (valid until the buffer's next use)."""
+        ...
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading it."""
+        ...
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        """The first ``count`` values of the flattened tensor, reading no more than those."""
+        ...
+
+
+def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ByteMemory) -> torch.Tensor:
     """``mapping[key]``, read into ``buffer`` when the mapping reads files (valid until the buffer's next use)."""
-    if hasattr(mapping, "read"):
+    if isinstance(mapping, LazyTensors):
         return mapping.read(key, buffer)
     return mapping[key]
+
+
+def head_of(mapping: Mapping[str, torch.Tensor], key: str, count: int) -> torch.Tensor:
+    """The first ``count`` values of the flattened ``mapping[key]`` (only those are read from a file)."""
+    if isinstance(mapping, LazyTensors):
+        return mapping.head(key, count)
+    return mapping[key].reshape(-1)[:count]
 
 
 def _read_header(path: Path):
@@ -342,7 +350,7 @@ def _check_no_overlap(filename: str, entries: dict) -> None:
 
 def shape_of(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape without reading it when the mapping can tell (files), else from the tensor."""
-    if hasattr(mapping, "shape_of"):
+    if isinstance(mapping, LazyTensors):
         return mapping.shape_of(key)
     return tuple(mapping[key].shape)
 
@@ -487,7 +495,7 @@ def _header_for(specs, metadata) -> tuple[bytes, int]:
 def _write_tensors(handle, specs, tensors, progress, overflow: str) -> int:
     written = 0
     produced = iter(tensors)
-    staging = _Staging()
+    staging = Scratch()
     clamped: list[str] = []
     for done, (key, dtype, shape) in enumerate(specs, start=1):
         try:
@@ -496,7 +504,7 @@ def _write_tensors(handle, specs, tensors, progress, overflow: str) -> int:
             raise RuntimeError(f"tensor stream ended before '{key}'") from None
         if got_key != key or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"expected '{key}' {tuple(shape)}, got '{got_key}' {tuple(tensor.shape)}")
-        data = staging.cpu_copy(tensor.detach(), dtype)
+        data = staging.copy_as(tensor.detach(), dtype)
         if dtype.is_floating_point and not _fits(tensor.detach(), data, dtype):
             problem = _range_problem(tensor.detach(), dtype)
             if overflow != "clamp" or problem.startswith("holds NaN/Inf"):
@@ -584,27 +592,6 @@ _STORAGE_NAMES = {
 }
 
 
-class _Staging:
-    """One reused CPU buffer per dtype for the bytes about to be written.
-
-    Converting each tensor into a fresh buffer costs a large allocation per key, and on Linux a fresh
-    large allocation is a new memory map whose pages fault in one by one — on an SDXL save that was a
-    third of the run. Reusing one buffer per dtype (grown to the largest tensor) avoids it.
-    """
-
-    def __init__(self):
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def cpu_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        count = tensor.numel()
-        buffer = self._buffers.get(dtype)
-        if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[dtype] = torch.empty(count, dtype=dtype)
-        flat = buffer[:count]
-        flat.view(tensor.shape).copy_(tensor)
-        return flat
-
-
 def parse_dtype(name: str) -> torch.dtype:
     """'fp16' / 'bf16' / 'fp32' / 'fp8_e4m3fn' … → torch dtype."""
     aliases = {
@@ -633,7 +620,7 @@ class RenamedMapping(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._inner[self._names[key]]
 
-    def read(self, key: str, buffer: ReadBuffer) -> torch.Tensor:
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
         return read_tensor(self._inner, self._names[key], buffer)
 
     def __iter__(self) -> Iterator[str]:
@@ -649,7 +636,4 @@ class RenamedMapping(Mapping[str, torch.Tensor]):
         return shape_of(self._inner, self._names[key])
 
     def head(self, key: str, count: int) -> torch.Tensor:
-        inner_key = self._names[key]
-        if hasattr(self._inner, "head"):
-            return self._inner.head(inner_key, count)
-        return self._inner[inner_key].reshape(-1)[:count]
+        return head_of(self._inner, self._names[key], count)

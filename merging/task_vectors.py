@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .buffers import Scratch
 from .device import best_device
-from .io import ReadBuffer, as_float32, read_tensor, shape_of
+from .io import as_float32, read_tensor, shape_of
 from .keys import check_shared_keys, normalise_key, normalised, select_keys, state_dict_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Difference(DeltaLeaf):
         self.finetuned, self.base, self.names = finetuned, base, names
         self._keys = list(finetuned.keys()) if keys is None else [normalise_key(key) for key in keys]
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
-        self._buffers = (ReadBuffer(), ReadBuffer(), ReadBuffer())
+        self._buffers = (Scratch(), Scratch(), Scratch())
         self._inputs: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def keys(self) -> Sequence[str]:

@@ -15,6 +15,7 @@ import torch
 from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 
 from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
+from ..merging.buffers import ByteMemory
 from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
 from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
 from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, state_dict_fingerprint
@@ -61,8 +62,14 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries  # Mapping's default would compute the patched weight
 
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        return self[key]  # computed in memory, not read from a file
+
     def shape_of(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key][1][0][0].shape)
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        return self[key].reshape(-1)[:count]
 
 
 def _is_float(tensor) -> bool:

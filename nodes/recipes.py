@@ -42,10 +42,18 @@ def register_recipe_folder() -> None:
     register_folder(RECIPE_FOLDER, RECIPE_SUFFIXES)
 
 
+def _register_source_folders() -> None:
+    """The pack's own folders this module lists (registered by the extension's load hook; again here, idempotently,
+    for a schema built before it ran — e.g. by a test that lists the nodes directly)."""
+    register_recipe_folder()
+    bridge.register_task_vector_folder()
+
+
 def recipe_sources() -> list[str]:
     """Every recipe .json and every saved safetensors file a recipe may live in: ``<folder>/<file>`` for the
     model folders (task_vectors and recipes include their output folders), ``output/<folder>/<file>`` for
     checkpoints and LoRAs this pack wrote into the output folder."""
+    _register_source_folders()
     sources = [NO_FILE]
     for folder in FILE_SOURCE_FOLDERS:
         suffixes = RECIPE_SUFFIXES if folder == RECIPE_FOLDER else bridge.SAFETENSORS_SUFFIXES
@@ -73,6 +81,7 @@ def resolve_source(source: str) -> Path:
         return path
     if folder not in FILE_SOURCE_FOLDERS or not name:
         raise ValueError(f"recipe source '{source}' must be '<folder>/<file>', the folder one of {FILE_SOURCE_FOLDERS}")
+    _register_source_folders()
     path = folder_paths.get_full_path(folder, name)
     if not path:
         raise FileNotFoundError(f"'{name}' was not found in the {folder} folders")
@@ -82,6 +91,7 @@ def resolve_source(source: str) -> Path:
 def find_input(name: str) -> list[Path]:
     """Every file called ``name`` in the input model folders and anywhere in the output folder (the hash check
     picks the right one)."""
+    _register_source_folders()
     found = []
     for folder in INPUT_FOLDERS:
         for relative in folder_paths.get_filename_list(folder):

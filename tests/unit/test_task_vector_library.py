@@ -13,7 +13,8 @@ import safetensors.torch
 import torch
 
 from diffusion_merge import merging
-from diffusion_merge.merging.io import NotSafetensorsError, ReadBuffer, SafetensorsFile, write_safetensors
+from diffusion_merge.merging.buffers import Scratch
+from diffusion_merge.merging.io import NotSafetensorsError, SafetensorsFile, write_safetensors
 from diffusion_merge.merging.keys import architecture_fingerprint, unet_key_map
 from diffusion_merge.merging.task_vector_files import saved_key
 from diffusion_merge.merging.task_vectors import coarse_block_of
@@ -178,7 +179,7 @@ def test_streaming_reads_match_and_drop_only_large_buffered_tensors_behind(tmp_p
     dropped = []
     if hasattr(os, "posix_fadvise"):
         monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, size, advice: dropped.append(size))
-    file, buffer = SafetensorsFile(tmp_path / "m.safetensors", drop_behind=drop_behind), ReadBuffer()
+    file, buffer = SafetensorsFile(tmp_path / "m.safetensors", drop_behind=drop_behind), Scratch()
     for _ in range(2):  # the second round reuses the buffer's memory and the open file
         for key, tensor in tensors.items():
             read = file.read(key, buffer)
