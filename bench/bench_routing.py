@@ -143,7 +143,7 @@ def router_cost(setup: Setup, runs: int = 200, calls: int = 5000) -> dict:
     import comfy.model_management as mm
     import torch
 
-    from diffusion_merge.merging.schedules import Boundary
+    from diffusion_merge.merging.sampling.schedules import Boundary
     from diffusion_merge.nodes import routing_runtime as runtime
 
     experts = (

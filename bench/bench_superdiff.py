@@ -24,8 +24,8 @@ hits all alike (a configuration's time is its best round; the median is recorded
 
 Whole-call times on a shared machine wander by several percent, more than SuperDiff adds, so it also measures
 SuperDiff's own cost per step directly: the same runs (200 steps) with the network call replaced by a stand-in,
-SuperDiff minus the floor guider (``own_cost_ms_per_step``); ``estimated_vs_batched_call`` adds that to the
-measured floor. And it times the SuperDiff maths alone (``merging.superdiff.superdiff_step``) on an SD-size latent
+SuperDiff minus the floor guider (``own_cost_ms_per_step``); ``estimated_vs_batched_call`` adds that to the measured
+floor. And it times the SuperDiff maths alone (``merging.sampling.superdiff.superdiff_step``) on an SD-size latent
 (1, 4, 64, 64). The goal of issue 6 is ``superdiff_* / batched_call ≤ 1.05`` per step.
 """
 
@@ -122,7 +122,7 @@ class Setup:
         import comfy.samplers
         import torch
 
-        from diffusion_merge.merging import superdiff as sd
+        from diffusion_merge.merging.sampling import superdiff as sd
         from diffusion_merge.nodes import demo_models
         from diffusion_merge.nodes import superdiff_runtime as runtime
 
@@ -214,7 +214,7 @@ def maths_cost(count: int, latent: int, device, calls: int = 200) -> dict:
     latent, for OR and AND, in ms."""
     import torch
 
-    from diffusion_merge.merging import superdiff as sd
+    from diffusion_merge.merging.sampling import superdiff as sd
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent, latent, generator=g).to(device)

@@ -333,7 +333,7 @@ def superdiff(sizes: Sizes, device: Device, budget: Budget, model) -> dict:
     import comfy.samplers
     import torch
 
-    from diffusion_merge.merging import superdiff as sd
+    from diffusion_merge.merging.sampling import superdiff as sd
     from diffusion_merge.nodes import superdiff_runtime as runtime
 
     class FloorGuider(comfy.samplers.CFGGuider):

@@ -16,7 +16,7 @@ import comfy.model_sampling
 import folder_paths
 import torch
 
-from ..merging.schedules import SigmaScale, discrete_scale, flow_scale
+from ..merging.sampling.schedules import SigmaScale, discrete_scale, flow_scale
 
 logger = logging.getLogger(__name__)
 

@@ -2,12 +2,12 @@
 
 Experts are chained node to node as a ``DM_EXPERT_LIST`` (first = highest noise); each Route Expert node
 says where its expert stops. The machinery lives in ``routing_runtime``; the range maths in
-``merging.schedules``.
+``merging.sampling.schedules``.
 """
 
 from __future__ import annotations
 
-from ..merging.schedules import UNITS, Boundary
+from ..merging.sampling.schedules import UNITS, Boundary
 from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
 from .common import hidden_input

@@ -17,10 +17,10 @@ together with the routed model before sampling (no load mid-run), and keeps the 
 resident weight sets (``routing_weights``) while they fit; ``sequential`` loads only the active expert and,
 at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
 
-The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything
-queued. The expert is therefore chosen from the sampler's reported progress (``merging.schedules.call_windows``)
-and the calls' real σ are read once, after the run: a sampler whose calls did not follow its progress (a
-restart sampler, adaptive steps) is run again reading σ where needed, and remembered.
+The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything queued.
+The expert is therefore chosen from the sampler's reported progress (``merging.sampling.schedules.call_windows``)
+and the calls' real σ are read once, after the run: a sampler whose calls did not follow its progress (a restart
+sampler, adaptive steps) is run again reading σ where needed, and remembered.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import comfy.samplers
 import node_helpers
 import torch
 
-from ..merging.schedules import (
+from ..merging.sampling.schedules import (
     Boundary,
     call_windows,
     check_coverage,
@@ -428,9 +428,9 @@ class RoutingRun:
 class ExpertChoice:
     """Which expert serves each network call of one run, chosen without reading σ from the device.
 
-    ``predict``: from the sampler's reported steps (:func:`~..merging.schedules.call_windows`); where a boundary
-    falls between two reported steps, the schedule point's expert. ``window``: the same, but σ is read for the
-    calls made where a boundary falls between steps. ``exact``: σ is read at every call. Predicted choices are
+    ``predict``: from the sampler's reported steps (:func:`~..merging.sampling.schedules.call_windows`); where a
+    boundary falls between two reported steps, the schedule point's expert. ``window``: the same, but σ is read for
+    the calls made where a boundary falls between steps. ``exact``: σ is read at every call. Predicted choices are
     checked against the calls' real σ once, after the run (:meth:`verdict`).
     """
 

@@ -20,7 +20,7 @@ import logging
 import comfy.model_sampling
 import comfy.samplers
 
-from ..merging.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
+from ..merging.sampling.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
 from .common import add_get_route, parameterisation, sigma_scale
 from .routing_runtime import remembered_sampling
 

@@ -2,7 +2,7 @@
 
 Components (MODEL, positive, optional negative, cfg) are chained node to node as a ``DM_SUPERDIFF_COMPONENTS``
 list. The modular path is Guider + Sampler → SamplerCustomAdvanced (→ Trace); the all-in-one KSampler hides
-both. The loop and guider live in ``superdiff_runtime``; the maths in ``merging.superdiff``.
+both. The loop and guider live in ``superdiff_runtime``; the maths in ``merging.sampling.superdiff``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..merging import superdiff as sd
+from ..merging.sampling import superdiff as sd
 from . import superdiff_runtime as runtime
 from .compat import io
 from .types import CATEGORY, ComponentsType, TraceType

@@ -1,6 +1,6 @@
 """SuperDiff inside ComfyUI: the component chain, the N-model guider and the reverse-SDE sampler loop.
 
-The maths lives in ``merging.superdiff``; this module only connects it to ComfyUI's sampling path
+The maths lives in ``merging.sampling.superdiff``; this module only connects it to ComfyUI's sampling path
 (``CFGGuider`` → ``KSAMPLER`` → model):
 
 - :class:`SuperDiffGuider` (a ``CFGGuider``) holds N components (MODEL, positive, optional negative, cfg).
@@ -11,7 +11,7 @@ The maths lives in ``merging.superdiff``; this module only connects it to ComfyU
   processed conditioning and model options.
 - :class:`SuperDiffSampler` (a ``KSAMPLER``) runs :func:`sample_superdiff`, which owns the loop: it asks the
   guider for every component's denoised prediction, draws the step's noise from the seed *before* κ, and
-  applies ``merging.superdiff.superdiff_step``; it calls ``callback`` every step (previews, progress) and
+  applies ``merging.sampling.superdiff.superdiff_step``; it calls ``callback`` every step (previews, progress) and
   stops when the user cancels.
 - The run's κ and log-density traces are kept on the guider, keyed by a fingerprint of the latent the run
   returned, so the Trace node can find them after ``SamplerCustomAdvanced``.
@@ -36,7 +36,7 @@ import comfy.samplers
 import node_helpers
 import torch
 
-from ..merging import superdiff as sd
+from ..merging.sampling import superdiff as sd
 from . import compat
 from .common import model_family, weights_key
 

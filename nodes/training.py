@@ -1,6 +1,6 @@
 """Training nodes: DeMe range-expert LoRAs with CLTS and MDLRC options, and saving them with their projections.
 
-The schedules' maths lives in ``merging.training_schedules`` and ``merging.channel_projection``; the loop
+The schedules' maths lives in ``merging.training.schedules`` and ``merging.channel_projection``; the loop
 and its ComfyUI plumbing in ``training_runtime``.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from .. import merging
 from ..merging.channel_projection import companion_path, save_projections
 from ..merging.io import check_storable, write_safetensors
-from ..merging.schedules import UNITS
-from ..merging.training_schedules import (
+from ..merging.sampling.schedules import UNITS
+from ..merging.training.schedules import (
     MOMENTUM_SCHEDULES,
     MomentumDecay,
     TimestepCurriculum,

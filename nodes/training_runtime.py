@@ -1,4 +1,4 @@
-"""Training a range-expert LoRA inside ComfyUI: the glue around ``merging.training_schedules``.
+"""Training a range-expert LoRA inside ComfyUI: the glue around ``merging.training.schedules``.
 
 How it uses ComfyUI (re-implemented from ComfyUI's interfaces, nothing copied; docs/architecture.md):
 
@@ -7,7 +7,7 @@ How it uses ComfyUI (re-implemented from ComfyUI's interfaces, nothing copied; d
   The output MODEL is the input with that dict loaded the way the stock loaders load it.
 - **Loop.** A ``comfy.samplers.Sampler`` run by a ``Guider_Basic``: ComfyUI prepares the conditioning, loads
   the model with its patches and wrappers, and hands the sampler the latents in model space. The sampler
-  draws normalised times from the :class:`~..merging.training_schedules.TimestepSampler`, maps them to σ with
+  draws normalised times from the :class:`~..merging.training.schedules.TimestepSampler`, maps them to σ with
   the model's own (possibly shifted) ``model_sampling``, noises with its ``noise_scaling`` and asks the guider
   for the denoised prediction.
 - **Frozen base.** The consistency loss compares with the base's prediction: the same network with every
@@ -37,7 +37,7 @@ import tqdm
 from comfy.weight_adapter import adapter_maps
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-from ..merging.training_schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
+from ..merging.training.schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
 from . import compat
 from . import projection as projection_patches
 from .common import sigma_scale

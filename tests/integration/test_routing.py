@@ -22,7 +22,7 @@ import torch
 from comfy_extras import nodes_model_advanced
 
 import nodes
-from diffusion_merge.merging.schedules import Boundary
+from diffusion_merge.merging.sampling.schedules import Boundary
 from diffusion_merge.nodes import common, routing, routing_runtime, routing_server, routing_weights
 from diffusion_merge.nodes import task_vectors as tv_nodes
 

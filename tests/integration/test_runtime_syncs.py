@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 from diffusion_merge.nodes import routing, routing_runtime
 from diffusion_merge.nodes import superdiff_runtime as runtime
 from diffusion_merge.nodes import task_vectors as tv_nodes

@@ -18,7 +18,7 @@ import pytest
 import torch
 from comfy_extras import nodes_custom_sampler, nodes_model_advanced
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 from diffusion_merge.nodes import superdiff as sd_nodes
 from diffusion_merge.nodes import superdiff_runtime as runtime
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffusion_merge.merging.channel_projection import companion_path
-from diffusion_merge.merging.training_schedules import MomentumDecay, TimeRange, range_cdf, training_progress
+from diffusion_merge.merging.training.schedules import MomentumDecay, TimeRange, range_cdf, training_progress
 from diffusion_merge.nodes import compat, training
 from diffusion_merge.nodes import merge as merge_nodes
 from diffusion_merge.nodes import task_vectors as tv_nodes

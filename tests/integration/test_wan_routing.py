@@ -14,7 +14,7 @@ import torch
 from comfy_extras import nodes_model_advanced
 
 import nodes
-from diffusion_merge.merging.schedules import assign_steps
+from diffusion_merge.merging.sampling.schedules import assign_steps
 from diffusion_merge.nodes import demo_models, routing
 from diffusion_merge.nodes.demo_wan import DemoWanLoaderNode
 

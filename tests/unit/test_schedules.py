@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_merge.merging.schedules import (
+from diffusion_merge.merging.sampling.schedules import (
     SIGMA_TIE_RTOL,
     Boundary,
     ExpertRange,
@@ -214,5 +214,5 @@ def test_call_windows_of_a_schedule_ending_above_zero_include_its_last_sigma():
 
 def test_the_library_imports_without_comfyui():
     env = {**os.environ, "PYTHONPATH": str(PACK_ROOT)}
-    code = "import sys, merging.schedules; assert not any(m.split('.')[0] == 'comfy' for m in sys.modules)"
+    code = "import sys, merging.sampling.schedules; assert not any(m.split('.')[0] == 'comfy' for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, env=env, check=True)

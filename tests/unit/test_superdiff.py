@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 
 D = 16  # dimensions of the Gaussian toys
 

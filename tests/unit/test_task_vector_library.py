@@ -299,7 +299,7 @@ def test_lora_pairs_expand_to_scaled_products():
 def test_library_imports_without_comfyui():
     """`import merging` with only the pack root on sys.path: the documented scripting entry point."""
     code = (
-        "import sys, merging, merging.training_schedules, merging.channel_projection; "
+        "import sys, merging, merging.training.schedules, merging.channel_projection; "
         "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion_merge.merging.schedules import discrete_scale, flow_scale
-from diffusion_merge.merging.training_schedules import (
+from diffusion_merge.merging.sampling.schedules import discrete_scale, flow_scale
+from diffusion_merge.merging.training.schedules import (
     WHOLE_SCHEDULE,
     MomentumDecay,
     TimeRange,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedules import TIMESTEP_SCALE, Boundary, SigmaScale, Unit
+from ..sampling.schedules import TIMESTEP_SCALE, Boundary, SigmaScale, Unit
 
 MIN_RANGE_WIDTH = 1e-6
 MOMENTUM_SCHEDULES: tuple[str, ...] = ("rex", "linear", "exponential")
