@@ -218,19 +218,25 @@ def as_float32(tensor: torch.Tensor, buffer: ByteMemory) -> torch.Tensor:
 
 
 @runtime_checkable
-class LazyTensors(Protocol):
-    """A key → tensor mapping that can answer without materialising whole tensors: safetensors files, renamed
-    views of them, a MODEL's patched weights. Plain dicts of tensors are the other kind of mapping the library
-    takes; the helpers :func:`read_tensor`, :func:`shape_of` and :func:`head_of` accept both."""
+class KnowsShapes(Protocol):
+    """A key → tensor mapping that tells a tensor's shape without reading it (the least a lazy mapping offers)."""
 
     def __getitem__(self, key: str) -> torch.Tensor: ...
 
-    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
-        """The tensor, read into ``buffer`` where it comes from a file (valid until the buffer's next use)."""
-        ...
-
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, without reading it."""
+        ...
+
+
+@runtime_checkable
+class LazyTensors(KnowsShapes, Protocol):
+    """A key → tensor mapping that can answer without materialising whole tensors: safetensors files, renamed
+    views of them, a MODEL's patched weights. Plain dicts of tensors are the other kind of mapping the library
+    takes; the helpers :func:`read_tensor`, :func:`shape_of` and :func:`head_of` accept both (and a mapping that
+    only :class:`KnowsShapes`)."""
+
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        """The tensor, read into ``buffer`` where it comes from a file (valid until the buffer's next use)."""
         ...
 
     def head(self, key: str, count: int) -> torch.Tensor:
@@ -350,7 +356,7 @@ def _check_no_overlap(filename: str, entries: dict) -> None:
 
 def shape_of(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape without reading it when the mapping can tell (files), else from the tensor."""
-    if isinstance(mapping, LazyTensors):
+    if isinstance(mapping, KnowsShapes):
         return mapping.shape_of(key)
     return tuple(mapping[key].shape)
 

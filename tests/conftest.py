@@ -119,6 +119,12 @@ def boot_comfyui() -> Path:
     return work
 
 
+@pytest.fixture(scope="session", name="comfy_in_process")
+def comfy_in_process_module() -> ModuleType:
+    """``scripts/comfy_in_process.py``: ``find_comfyui``, ``boot``, ``import_pack``, ``register_pack``."""
+    return comfy_in_process
+
+
 @pytest.fixture(scope="session")
 def comfyui_install() -> tuple[Path, bool]:
     """(ComfyUI root, whether this pack sits in its custom_nodes folder and is loaded by it already)."""

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-PACK_ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_finder():
-    name = "dm_scripts_comfy_in_process"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "scripts" / "comfy_in_process.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def fake_comfyui(root: Path) -> Path:
@@ -27,8 +13,8 @@ def fake_comfyui(root: Path) -> Path:
     return root
 
 
-def test_without_comfyui_the_error_names_every_place_tried(tmp_path, monkeypatch):
-    finder = load_finder()
+def test_without_comfyui_the_error_names_every_place_tried(comfy_in_process, tmp_path, monkeypatch):
+    finder = comfy_in_process
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nowhere"))
     pack = tmp_path / "projects" / "pack"
     pack.mkdir(parents=True)
@@ -36,8 +22,8 @@ def test_without_comfyui_the_error_names_every_place_tried(tmp_path, monkeypatch
         finder.find_comfyui(pack)
 
 
-def test_comfyui_path_comes_first_then_the_custom_nodes_parent(tmp_path, monkeypatch):
-    finder = load_finder()
+def test_comfyui_path_comes_first_then_the_custom_nodes_parent(comfy_in_process, tmp_path, monkeypatch):
+    finder = comfy_in_process
     host = fake_comfyui(tmp_path / "ComfyUI")
     pack = host / "custom_nodes" / "pack"
     pack.mkdir(parents=True)
