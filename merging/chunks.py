@@ -82,7 +82,7 @@ class MappingSource:
         if key not in self.mapping:
             return False
         if start == 0 or self._held is None or self._held[0] != key:
-            self._held = (key, self.mapping[key].reshape(-1))  # a file mapping reads the tensor on every lookup
+            self._held = (key, self.mapping[key].detach().reshape(-1))  # a file mapping reads it on every lookup
         out.copy_(_flat_range(self._held[1], start, out))
         return True
 

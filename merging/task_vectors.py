@@ -97,8 +97,9 @@ class Difference(DeltaLeaf):
         """
         if start == 0 or self._inputs is None or self._inputs[0] != key:
             finetuned_buffer, base_buffer, _ = self._buffers
-            base = read_tensor(self.base, key, base_buffer)
-            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer), base)
+            # detached: a model's own weights may require grad, and copying them into a block would be recorded
+            base = read_tensor(self.base, key, base_buffer).detach()
+            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer).detach(), base)
         _, finetuned, base = self._inputs
         if out.numel() == finetuned.numel():
             finetuned, base = finetuned.view(out.shape), base.view(out.shape)
