@@ -49,6 +49,6 @@ class DiffusionMergeExtension(ComfyExtension):
         register()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        # Loaders that do not call on_load (ComfyUI before on_load was called) still list the nodes first.
+        # A loader that does not call on_load (ComfyUI 0.3.64's) still lists the nodes first: register here too.
         register()
         return list(ALL_NODES)
