@@ -75,8 +75,8 @@ class Setup:
         self.negative = [[torch.randn(1, 77, 64, generator=g(2)), {}]]
         self.a, self.b = demo_models.build_sd15(0), demo_models.build_sd15(1)
         finetuned = demo_models.build_sd15(0, "finetune-a")
-        vector = tv_nodes.TaskVectorFromModels.execute(finetuned, self.a).result[0]
-        self.patched = tv_nodes.TaskVectorApply.execute(self.a, vector, 1.0).result[0]
+        vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, self.a).result[0]
+        self.patched = tv_nodes.TaskVectorApplyNode.execute(self.a, vector, 1.0).result[0]
         self.routing = routing
         self.boundary = float(self.sigmas()[boundary_step])
 
@@ -86,9 +86,9 @@ class Setup:
         return comfy.samplers.calculate_sigmas(self.a.get_model_object("model_sampling"), "normal", self.steps)
 
     def routed(self, first, second, memory_mode="resident"):
-        expert = self.routing.RouteExpert.execute
+        expert = self.routing.RouteExpertNode.execute
         chain = expert(second, 0.0, "sigma", 0.0, expert(first, self.boundary, "sigma", 0.0, None).result[0])
-        return self.routing.RoutedModel.execute(chain.result[0], memory_mode).result[0]
+        return self.routing.RoutedModelNode.execute(chain.result[0], memory_mode).result[0]
 
     def ksample(self, model, sampler="euler"):
         import nodes
@@ -143,7 +143,7 @@ def router_cost(setup: Setup, runs: int = 200, calls: int = 5000) -> dict:
     import comfy.model_management as mm
     import torch
 
-    from diffusion_merge.merging.schedules import Boundary
+    from diffusion_merge.merging.sampling.schedules import Boundary
     from diffusion_merge.nodes import routing_runtime as runtime
 
     experts = (

@@ -24,15 +24,14 @@ hits all alike (a configuration's time is its best round; the median is recorded
 
 Whole-call times on a shared machine wander by several percent, more than SuperDiff adds, so it also measures
 SuperDiff's own cost per step directly: the same runs (200 steps) with the network call replaced by a stand-in,
-SuperDiff minus the floor guider (``own_cost_ms_per_step``); ``estimated_vs_batched_call`` adds that to the
-measured floor. And it times the SuperDiff maths alone (``merging.superdiff.superdiff_step``) on an SD-size latent
+SuperDiff minus the floor guider (``own_cost_ms_per_step``); ``estimated_vs_batched_call`` adds that to the measured
+floor. And it times the SuperDiff maths alone (``merging.sampling.superdiff.superdiff_step``) on an SD-size latent
 (1, 4, 64, 64). The goal of issue 6 is ``superdiff_* / batched_call ≤ 1.05`` per step.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -47,7 +46,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "superdiff.json"
-PACKAGE = "diffusion_merge"
 SEED = 42
 SD15_FULL = {  # ComfyUI's SD1.5 UNet config (comfy/model_detection.py), randomly initialised here
     "model_channels": 320,
@@ -64,22 +62,12 @@ logger = logging.getLogger(__name__)
 
 def boot_comfyui(work: Path, cpu: bool) -> None:
     """ComfyUI on ``sys.path`` with its writable folders under ``work``; the pack imported as ``diffusion_merge``."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import comfy_in_process
+
     comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    sys.dont_write_bytecode = True
-    sys.path.insert(0, str(comfyui))
-    from comfy.cli_args import args
-
-    args.cpu = cpu
-    import folder_paths
-    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does)
-
-    for name in ("output", "input", "temp", "user"):
-        (work / name).mkdir()
-        getattr(folder_paths, f"set_{name}_directory")(str(work / name))
-    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+    comfy_in_process.boot(comfyui, work, cpu=cpu)
+    comfy_in_process.import_pack()
 
 
 # -- the measured configurations --------------------------------------------------------------------------
@@ -134,7 +122,7 @@ class Setup:
         import comfy.samplers
         import torch
 
-        from diffusion_merge.merging import superdiff as sd
+        from diffusion_merge.merging.sampling import superdiff as sd
         from diffusion_merge.nodes import demo_models
         from diffusion_merge.nodes import superdiff_runtime as runtime
 
@@ -226,7 +214,7 @@ def maths_cost(count: int, latent: int, device, calls: int = 200) -> dict:
     latent, for OR and AND, in ms."""
     import torch
 
-    from diffusion_merge.merging import superdiff as sd
+    from diffusion_merge.merging.sampling import superdiff as sd
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent, latent, generator=g).to(device)

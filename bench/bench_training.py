@@ -95,7 +95,7 @@ def train(model, latents, positive, **settings):
     from diffusion_merge.nodes import training
 
     with torch.inference_mode():
-        return training.TrainRangeExpertLoRA.execute(model, latents, positive, **settings).result
+        return training.TrainRangeExpertLoRANode.execute(model, latents, positive, **settings).result
 
 
 # -- speed ----------------------------------------------------------------------------------------------

@@ -87,10 +87,10 @@ class Setup:
         return next(step for step, sigma in enumerate(sigmas.tolist()) if sigma <= BOUNDARY)
 
     def routed(self, memory_mode: str):
-        expert = self.routing.RouteExpert.execute
+        expert = self.routing.RouteExpertNode.execute
         first = expert(self.high, BOUNDARY, "sigma", 0.0, None).result[0]
         both = expert(self.low, 0.0, "sigma", 0.0, first).result[0]
-        return self.routing.RoutedModel.execute(both, memory_mode).result[0]
+        return self.routing.RoutedModelNode.execute(both, memory_mode).result[0]
 
     def ksample(self, model, sampler: str = "euler"):
         import nodes

@@ -276,12 +276,12 @@ def routing(sizes: Sizes, device: Device, budget: Budget, a, b, vector) -> dict:
     steps, step = sizes.steps, sizes.boundary_step
     sigmas = comfy.samplers.calculate_sigmas(a.get_model_object("model_sampling"), "normal", steps)
     boundary = float(sigmas[step])
-    patched = tv_nodes.TaskVectorApply.execute(a, vector, 1.0).result[0]
+    patched = tv_nodes.TaskVectorApplyNode.execute(a, vector, 1.0).result[0]
 
     def routed(first, second, memory_mode):
-        expert = routing_nodes.RouteExpert.execute
+        expert = routing_nodes.RouteExpertNode.execute
         chain = expert(second, 0.0, "sigma", 0.0, expert(first, boundary, "sigma", 0.0, None).result[0]).result[0]
-        return routing_nodes.RoutedModel.execute(chain, memory_mode).result[0]
+        return routing_nodes.RoutedModelNode.execute(chain, memory_mode).result[0]
 
     def ksample(model):
         return nodes.common_ksampler(model, SEED, steps, 5.0, "euler", "normal", positive, negative, latent)[0]
@@ -333,7 +333,7 @@ def superdiff(sizes: Sizes, device: Device, budget: Budget, model) -> dict:
     import comfy.samplers
     import torch
 
-    from diffusion_merge.merging import superdiff as sd
+    from diffusion_merge.merging.sampling import superdiff as sd
     from diffusion_merge.nodes import superdiff_runtime as runtime
 
     class FloorGuider(comfy.samplers.CFGGuider):
@@ -407,7 +407,7 @@ def train_ours(model, latents, positive, steps: int, batch: int, **extra):
         gradient_checkpointing=False,
     )
     with torch.inference_mode():  # as ComfyUI runs nodes
-        return training.TrainRangeExpertLoRA.execute(model, latents, positive, **(settings | extra)).result
+        return training.TrainRangeExpertLoRANode.execute(model, latents, positive, **(settings | extra)).result
 
 
 def train_core(model, latents, positive, steps: int, batch: int, checkpointing: bool):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .keys import UNET_PREFIX
 
@@ -64,13 +65,13 @@ class Architecture:
         counts = self.presets[preset]
         names = ["embed"]
         for series in self.series:
-            names += [block_name(series.prefix, index) for index in range(counts[series.prefix])]
+            names += [numbered_block_name(series.prefix, index) for index in range(counts[series.prefix])]
             if series.prefix == "IN":
                 names += list(self.single)
         return [*names, "final"]
 
 
-_UNET = dict(
+_UNET: dict[str, Any] = dict(
     series=(
         Series("IN", "input_blocks", "input block"),
         Series("OUT", "output_blocks", "output block"),
@@ -155,7 +156,7 @@ NAMING_HELP = (
 )
 
 
-def block_name(prefix: str, index: int) -> str:
+def numbered_block_name(prefix: str, index: int) -> str:
     return f"{prefix}{index:02d}"
 
 
@@ -166,9 +167,9 @@ def canonical_block_name(name: str) -> str:
         return name
     match = _NUMBERED.match(name)
     if match and match.group(1).upper() in _SERIES:
-        return block_name(match.group(1).upper(), int(match.group(2)))
-    if match and block_name(match.group(1).upper(), int(match.group(2))) in _SINGLE:
-        return block_name(match.group(1).upper(), int(match.group(2)))
+        return numbered_block_name(match.group(1).upper(), int(match.group(2)))
+    if match and numbered_block_name(match.group(1).upper(), int(match.group(2))) in _SINGLE:
+        return numbered_block_name(match.group(1).upper(), int(match.group(2)))
     raise ValueError(f"unknown block '{name}' (known: {NAMING_HELP})")
 
 
@@ -183,7 +184,7 @@ def block_pattern(name: str) -> str:
         return _ROOT + _alternatives(_FINAL)
     if name in _SINGLE:
         return _ROOT + re.escape(_SINGLE[name]) + r"(?:\.|$)"
-    prefix, index = _NUMBERED.match(name).groups()
+    prefix, index = _numbered(name)
     return _ROOT + re.escape(_SERIES[prefix].module) + rf"\.{int(index)}\."
 
 
@@ -250,8 +251,21 @@ def group_of(path: str, arch: Architecture) -> str | None:
     for series in arch.series:
         if top == series.module:
             index = rest.split(".", 1)[0]
-            return block_name(series.prefix, int(index)) if index.isdigit() else None
+            return numbered_block_name(series.prefix, int(index)) if index.isdigit() else None
     return None
+
+
+def _numbered(name: str) -> tuple[str, str]:
+    """(series prefix, index digits) of a numbered block name such as ``IN04``."""
+    match = _NUMBERED.match(name)
+    if match is None:
+        raise ValueError(f"'{name}' is not a numbered block name")
+    return match.group(1), match.group(2)
+
+
+def _numbered_prefix(name: str) -> str | None:
+    match = _NUMBERED.match(name)
+    return match.group(1) if match else None
 
 
 def group_keys(keys: Iterable[str], architecture: Architecture | None = None) -> BlockGroups:
@@ -259,7 +273,7 @@ def group_keys(keys: Iterable[str], architecture: Architecture | None = None) ->
     keys = list(keys)
     arch = architecture or detect_architecture(keys)
     found: dict[str, list[str]] = {}
-    ungrouped = []
+    ungrouped: list[str] = []
     for path in module_paths(keys):
         group = group_of(path, arch)
         (found.setdefault(group, []) if group else ungrouped).append(path)
@@ -273,8 +287,8 @@ def _group_order(arch: Architecture, found: Iterable[str]) -> list[str]:
     ordered = ["embed"]
     for series in arch.series:
         ordered += sorted(
-            (n for n in names if _NUMBERED.match(n) and _NUMBERED.match(n).group(1) == series.prefix),
-            key=lambda n: int(_NUMBERED.match(n).group(2)),
+            (n for n in names if _numbered_prefix(n) == series.prefix),
+            key=lambda n: int(_numbered(n)[1]),
         )
         if series.prefix == "IN":
             ordered += list(arch.single)

@@ -1,13 +1,15 @@
-"""DeMe's channel-wise projections: a C×C 1×1 projection after UNet blocks (papers.md §1.1, pitfall 1).
+"""DeMe's channel-wise projections: a C×C 1×1 projection after UNet blocks.
+
+DeMe: arXiv 2410.06664; design notes in ``docs/methods.md`` (DeMe note 2).
 
 A projection W maps a block's output h (batch, C, …) to W·h over the channel dimension; it starts as the
 identity, so a freshly added projection changes nothing. Projections are named after the block whose output
 they transform — ``input.<i>``, ``middle.0``, ``output.<j>`` — and stored as ``channel_projection.<block>.weight``.
 
-Merging treats a projection like any other weight whose base value is the identity (pitfall 2): its task
-vector is W − I, and a merged model gets I + Σ wₖ (Wₖ − I). The LoRA a range expert is trained with stays a
-stock LoRA; its projections go to a *companion file* beside it (``<lora stem>.channel_projection.safetensors``),
-so stock LoRA loaders still load the LoRA part.
+Merging treats a projection like any other weight whose base value is the identity (``docs/methods.md``, Merging
+note 5): its task vector is W − I, and a merged model gets I + Σ wₖ (Wₖ − I). The LoRA a range expert is trained
+with stays a stock LoRA; its projections go to a *companion file* beside it
+(``<lora stem>.channel_projection.safetensors``), so stock LoRA loaders still load the LoRA part.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from . import device as devices
+from .buffers import Scratch
 from .io import shape_of
 from .keys import check_shared_keys, normalised
 from .task_vectors import TaskVector, same_architecture
@@ -81,7 +82,7 @@ class MappingSource:
         if key not in self.mapping:
             return False
         if start == 0 or self._held is None or self._held[0] != key:
-            self._held = (key, self.mapping[key].reshape(-1))  # a file mapping reads the tensor on every lookup
+            self._held = (key, self.mapping[key].detach().reshape(-1))  # a file mapping reads it on every lookup
         out.copy_(_flat_range(self._held[1], start, out))
         return True
 
@@ -311,26 +312,6 @@ class ChunkTables:
         return torch.repeat_interleave(ids, self.numels[span], output_size=chunk.numel)
 
 
-class Scratch:
-    """Reusable work buffers, one per name and dtype, grown to the largest request.
-
-    Freshly allocated CPU tensors of this size cost more in page faults than the arithmetic done on them;
-    reusing buffers across chunks avoids that (on CUDA the caching allocator already does).
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        numel = math.prod(shape)
-        buffer = self._buffers.get((name, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype, device=self.device)
-            self._buffers[(name, dtype)] = buffer
-        return buffer[:numel].view(shape)
-
-
 def gather(sources: Sequence[DeltaSource], chunk: Chunk, device: torch.device, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (N, chunk entries) with each task's fp32 deltas for the chunk's keys; absent keys are 0.
 
@@ -356,13 +337,14 @@ def gather_row(source: DeltaSource, chunk: Chunk, device: torch.device, row: tor
             if not source.fetch_into(segment.key, row[segment.span].view(segment.shape)):
                 row[segment.span].zero_()
         return row
-    parts = [source.fetch(segment.key, device) for segment in chunk.segments]
-    if batched and all(part is not None and part.dtype == parts[0].dtype for part in parts):
+    fetched = [source.fetch(segment.key, device) for segment in chunk.segments]
+    parts = [part for part in fetched if part is not None]
+    if len(parts) == len(fetched) and all(part.dtype == parts[0].dtype for part in parts):
         flat = [part.reshape(-1) for part in parts]
         if parts[0].dtype == torch.float32:
             return torch.cat(flat, out=row)
         return torch.cat(flat)
-    for segment, part in zip(chunk.segments, parts, strict=True):
+    for segment, part in zip(chunk.segments, fetched, strict=True):
         if part is None:
             row[segment.span].zero_()
         else:

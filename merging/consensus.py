@@ -1,9 +1,10 @@
 """Consensus: sign election and the ways N sparsified task vectors become one delta.
 
-* weighted sum — task arithmetic, Σ wᵢτᵢ (Ilharco et al. 2023; DeMe's merge, papers.md §1.1);
-* disjoint mean — TIES steps 2–3 (Yadav et al. 2023): elect a sign per entry, then average the entries
-  that are non-zero and agree with it; also DARE-TIES and DRM's coordinate merge (papers.md §4.1 steps 7–8);
-* stitch — Localize-and-Stitch (papers.md §3.1): the average over the tasks whose mask selected the entry.
+* weighted sum — task arithmetic, Σ wᵢτᵢ (Ilharco et al. 2023, arXiv 2212.04089; DeMe's merge);
+* disjoint mean — TIES steps 2–3 (Yadav et al. 2023, arXiv 2306.01708 §3): elect a sign per entry, then
+  average the entries that are non-zero and agree with it; also DARE-TIES and DRM's coordinate merge
+  (arXiv 2505.23117, algorithm steps 7–8);
+* stitch — Localize-and-Stitch (arXiv 2408.13656): the average over the tasks whose mask selected the entry.
 
 All work on a stacked (N tasks, entries) fp32 tensor, overwrite it, and write the result into ``out``;
 temporaries come from a :class:`~merging.chunks.Scratch` (buffers ``"work"``, ``"signs"``, ``"count"``).

@@ -1,6 +1,7 @@
 """Decom-Renorm-Merge (DRM, Chaichana et al. 2025, arXiv 2505.23117) for one weight matrix.
 
-papers.md §4.1: stack the N deltas of a 2-D weight, take one joint SVD, renormalise each model's block of
+The paper's algorithm (``docs/methods.md``, Merging note 4): stack the N deltas of a 2-D weight, take one
+joint SVD, renormalise each model's block of
 the basis, trim jointly by magnitude, elect signs and take the disjoint mean of the per-model coordinates,
 and map the merged coordinates back through the shared basis. Parameters that are not 2-D weights take the
 TIES-like branch in :mod:`merging.merge`. Deviations from the official code (README, "Conventions"):
@@ -43,7 +44,7 @@ def is_linear(key: str, shape: tuple[int, ...], conv: bool) -> bool:
 
     Like the official ``.*weight.*`` rule without embeddings / output heads. Conv kernels (3-D to 5-D) are
     read as (out, in·k·k) matrices only with ``conv=True`` — an extension neither the paper nor its code
-    defines (papers.md §4.4 pitfall 4).
+    defines (docs/methods.md, Merging note 4).
     """
     if "weight" not in key.rsplit(".", 1)[-1] or _EXCLUDED.search(key) or math.prod(shape) == 0:
         return False
@@ -82,11 +83,11 @@ def merge_matrix(
         active = deltas.flatten(1).abs().amax(dim=1) > 0
         result = _merge_vertical_on_device(stack, active, keep=keep, sign=sign, weights=weights, scratch=scratch)
         return result.T if horizontal else result
-    active = (deltas.flatten(1).abs().amax(dim=1) > 0).tolist()
+    active_models = (deltas.flatten(1).abs().amax(dim=1) > 0).tolist()
     merged = torch.zeros(deltas.shape[1:], dtype=torch.float32, device=deltas.device)
-    if not any(active):
+    if not any(active_models):
         return merged
-    index = torch.tensor([i for i, on in enumerate(active) if on], device=deltas.device)
+    index = torch.tensor([i for i, on in enumerate(active_models) if on], device=deltas.device)
     stack = deltas.index_select(0, index)
     if weights is not None:
         weights = weights.index_select(0, index)
@@ -99,7 +100,7 @@ def merge_matrix(
 def _merge_vertical(
     stack: torch.Tensor, *, keep: float, sign: str | None, weights: torch.Tensor | None, scratch: Scratch
 ) -> torch.Tensor:
-    """DRM-V (papers.md §4.1 steps 1–9) on the active models' deltas (N, rows, cols)."""
+    """DRM-V (arXiv 2505.23117, steps 1–9 of the algorithm) on the active models' deltas (N, rows, cols)."""
     tasks, rows, cols = stack.shape
     left, singular, right = _canonical_signs(*torch.linalg.svd(stack.reshape(tasks * rows, cols), full_matrices=False))
     rank = int((singular > RANK_CUTOFF * singular[0]).sum())

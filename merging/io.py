@@ -38,13 +38,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
+
+from .buffers import ByteMemory, Scratch
 
 try:
     import fcntl
 except ImportError:  # Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.read(key)
 
-    def read(self, key: str, buffer: ReadBuffer | None = None) -> torch.Tensor:
+    def read(self, key: str, buffer: ByteMemory | None = None) -> torch.Tensor:
         """One tensor; with ``buffer`` it lands in that reused memory, valid until the buffer's next use."""
         dtype, shape, (begin, end) = self._entry(key)
         return self._read(dtype, shape, begin, end, buffer)
@@ -147,7 +150,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         except KeyError:
             raise KeyError(f"'{self.path.name}' has no tensor '{key}'") from None
 
-    def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ReadBuffer | None = None) -> torch.Tensor:
+    def _read(self, dtype: torch.dtype, shape, begin: int, end: int, buffer: ByteMemory | None = None) -> torch.Tensor:
         start, size = self._data_start + begin, end - begin
         raw = buffer.take(size) if buffer is not None else torch.empty(size, dtype=torch.uint8)
         if size:
@@ -155,7 +158,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 self.check_unchanged()
                 handle = self._open()
                 handle.seek(start)
-                if handle.readinto(raw.numpy()) != size:
+                if handle.readinto(raw.numpy()) != size:  # type: ignore[arg-type]  # ndarray is a writable buffer
                     raise NotSafetensorsError(f"'{self.path.name}' is truncated")
                 if buffer is not None and self.drop_behind and size >= DROP_BEHIND_MIN_BYTES:
                     os.posix_fadvise(handle.fileno(), start, size, os.POSIX_FADV_DONTNEED)
@@ -201,23 +204,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         self.__dict__.update(state, _lock=threading.Lock())
 
 
-class ReadBuffer:
-    """Reusable memory for tensors read from files and consumed before the next read (not thread-safe).
-
-    A fresh multi-megabyte allocation per tensor is a new memory map whose pages fault in one by one;
-    streaming an SDXL checkpoint that way spent most of its time in the kernel.
-    """
-
-    def __init__(self):
-        self._bytes = torch.empty(0, dtype=torch.uint8)
-
-    def take(self, size: int) -> torch.Tensor:
-        if self._bytes.numel() < size:
-            self._bytes = torch.empty(size, dtype=torch.uint8)
-        return self._bytes[:size]
-
-
-def as_float32(tensor: torch.Tensor, buffer: ReadBuffer) -> torch.Tensor:
+def as_float32(tensor: torch.Tensor, buffer: ByteMemory) -> torch.Tensor:
     """``tensor`` in fp32: itself, or on the CPU a copy in ``buffer`` (valid until the buffer's next use).
 
     Upcast explicitly before mixing dtypes: on the CPU an in-place ``fp32.sub_(fp16)`` allocates a hidden
@@ -230,11 +217,45 @@ def as_float32(tensor: torch.Tensor, buffer: ReadBuffer) -> torch.Tensor:
     return buffer.take(tensor.numel() * 4).view(torch.float32).view(tensor.shape).copy_(tensor)
 
 
-def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ReadBuffer) -> torch.Tensor:
+@runtime_checkable
+class KnowsShapes(Protocol):
+    """A key → tensor mapping that tells a tensor's shape without reading it (the least a lazy mapping offers)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor: ...
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading it."""
+        ...
+
+
+@runtime_checkable
+class LazyTensors(KnowsShapes, Protocol):
+    """A key → tensor mapping that can answer without materialising whole tensors: safetensors files, renamed
+    views of them, a MODEL's patched weights. Plain dicts of tensors are the other kind of mapping the library
+    takes; the helpers :func:`read_tensor`, :func:`shape_of` and :func:`head_of` accept both (and a mapping that
+    only :class:`KnowsShapes`)."""
+
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        """The tensor, read into ``buffer`` where it comes from a file (valid until the buffer's next use)."""
+        ...
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        """The first ``count`` values of the flattened tensor, reading no more than those."""
+        ...
+
+
+def read_tensor(mapping: Mapping[str, torch.Tensor], key: str, buffer: ByteMemory) -> torch.Tensor:
     """``mapping[key]``, read into ``buffer`` when the mapping reads files (valid until the buffer's next use)."""
-    if hasattr(mapping, "read"):
+    if isinstance(mapping, LazyTensors):
         return mapping.read(key, buffer)
     return mapping[key]
+
+
+def head_of(mapping: Mapping[str, torch.Tensor], key: str, count: int) -> torch.Tensor:
+    """The first ``count`` values of the flattened ``mapping[key]`` (only those are read from a file)."""
+    if isinstance(mapping, LazyTensors):
+        return mapping.head(key, count)
+    return mapping[key].reshape(-1)[:count]
 
 
 def _read_header(path: Path):
@@ -335,7 +356,7 @@ def _check_no_overlap(filename: str, entries: dict) -> None:
 
 def shape_of(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     """A tensor's shape without reading it when the mapping can tell (files), else from the tensor."""
-    if hasattr(mapping, "shape_of"):
+    if isinstance(mapping, KnowsShapes):
         return mapping.shape_of(key)
     return tuple(mapping[key].shape)
 
@@ -415,9 +436,9 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     live writer holds locked (earlier versions took no lock: their files must be a day old). Each removal is
     logged. Problems are logged and skipped: a save never fails because of this.
     """
-    removed = []
+    removed: list[Path] = []
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     now = time.time()
@@ -480,7 +501,7 @@ def _header_for(specs, metadata) -> tuple[bytes, int]:
 def _write_tensors(handle, specs, tensors, progress, overflow: str) -> int:
     written = 0
     produced = iter(tensors)
-    staging = _Staging()
+    staging = Scratch()
     clamped: list[str] = []
     for done, (key, dtype, shape) in enumerate(specs, start=1):
         try:
@@ -489,7 +510,7 @@ def _write_tensors(handle, specs, tensors, progress, overflow: str) -> int:
             raise RuntimeError(f"tensor stream ended before '{key}'") from None
         if got_key != key or tuple(tensor.shape) != tuple(shape):
             raise RuntimeError(f"expected '{key}' {tuple(shape)}, got '{got_key}' {tuple(tensor.shape)}")
-        data = staging.cpu_copy(tensor.detach(), dtype)
+        data = staging.copy_as(tensor.detach(), dtype)
         if dtype.is_floating_point and not _fits(tensor.detach(), data, dtype):
             problem = _range_problem(tensor.detach(), dtype)
             if overflow != "clamp" or problem.startswith("holds NaN/Inf"):
@@ -541,8 +562,7 @@ def _largest_magnitude(tensor: torch.Tensor) -> float:
         return 0.0
     if tensor.dtype in _FLOAT8:
         tensor = tensor.to(torch.float16)
-    low, high = torch.aminmax(tensor)
-    low, high = float(low), float(high)
+    low, high = (float(value) for value in torch.aminmax(tensor))
     return math.nan if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
@@ -578,27 +598,6 @@ _STORAGE_NAMES = {
 }
 
 
-class _Staging:
-    """One reused CPU buffer per dtype for the bytes about to be written.
-
-    Converting each tensor into a fresh buffer costs a large allocation per key, and on Linux a fresh
-    large allocation is a new memory map whose pages fault in one by one — on an SDXL save that was a
-    third of the run. Reusing one buffer per dtype (grown to the largest tensor) avoids it.
-    """
-
-    def __init__(self):
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def cpu_copy(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        count = tensor.numel()
-        buffer = self._buffers.get(dtype)
-        if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[dtype] = torch.empty(count, dtype=dtype)
-        flat = buffer[:count]
-        flat.view(tensor.shape).copy_(tensor)
-        return flat
-
-
 def parse_dtype(name: str) -> torch.dtype:
     """'fp16' / 'bf16' / 'fp32' / 'fp8_e4m3fn' … → torch dtype."""
     aliases = {
@@ -627,7 +626,7 @@ class RenamedMapping(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._inner[self._names[key]]
 
-    def read(self, key: str, buffer: ReadBuffer) -> torch.Tensor:
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
         return read_tensor(self._inner, self._names[key], buffer)
 
     def __iter__(self) -> Iterator[str]:
@@ -643,7 +642,4 @@ class RenamedMapping(Mapping[str, torch.Tensor]):
         return shape_of(self._inner, self._names[key])
 
     def head(self, key: str, count: int) -> torch.Tensor:
-        inner_key = self._names[key]
-        if hasattr(self._inner, "head"):
-            return self._inner.head(inner_key, count)
-        return self._inner[inner_key].reshape(-1)[:count]
+        return head_of(self._inner, self._names[key], count)

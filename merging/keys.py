@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 
-from .io import RenamedMapping
+from .io import RenamedMapping, head_of
 
 UNET_PREFIX = "diffusion_model."
 TEXT_ENCODER_PREFIX = "text_encoders."
@@ -158,12 +158,10 @@ def weights_fingerprint(
     return digest.hexdigest()[:16]
 
 
-def fingerprint(mapping: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
+def state_dict_fingerprint(mapping: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> str:
     """``<architecture>-<weights>``: the first half matches for any two models of one architecture."""
 
     def head(key: str, count: int) -> torch.Tensor:
-        if hasattr(mapping, "head"):
-            return mapping.head(key, count)
-        return mapping[key].reshape(-1)[:count]
+        return head_of(mapping, key, count)
 
     return f"{architecture_fingerprint(shapes)}-{weights_fingerprint(shapes.keys(), head)}"

@@ -8,6 +8,7 @@ Tucker ``mid`` factors) are expanded by ComfyUI's own weight adapters in the nod
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 
@@ -31,9 +32,15 @@ def lora_delta(
     return delta.reshape(out_shape)
 
 
-def lora_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor | None]]:
+class LoraParts(TypedDict):
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: torch.Tensor | None
+
+
+def lora_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, LoraParts]:
     """Group a LoRA file's tensors by module: {module: {"up", "down", "alpha"}} (plain LoRA/LoCon only)."""
-    modules: dict[str, dict[str, torch.Tensor | None]] = {}
+    modules: dict[str, LoraParts] = {}
     for key in state_dict:
         for up_name, down_name in _PAIR_NAMES:
             if key.endswith("." + up_name):

@@ -196,6 +196,7 @@ def _rank_for(energies: torch.Tensor, rule: RankRule) -> int:
     available = energies.numel()
     if rule.rank is not None:
         return min(rule.rank, available)
+    assert rule.energy is not None  # a rule has a rank or an energy (checked when it is made)
     if rule.energy >= 1.0:
         rank = available  # everything: no tolerance may cut the smallest components
     else:

@@ -52,7 +52,7 @@ from .chunks import (
 )
 from .device import best_device
 from .key_weights import key_multiplier
-from .methods import MergeConfig, resolve_merge
+from .methods import Basis, CombineStep, MergeConfig, Sparsify, resolve_merge
 from .task_vectors import StoredDeltas, TaskVector
 from .topk import NonFiniteMagnitudes, kth_largest_magnitude
 
@@ -129,7 +129,7 @@ class _MergeRun:
         self.tables: ChunkTables | None = None
         self.weights = None if config.uniform_weights else torch.tensor(config.weights, device=device)
         self.linear = {
-            key: config.method.basis == "svd" and drm.is_linear(key, shape, config.params["conv"])
+            key: config.method.basis is Basis.SVD and drm.is_linear(key, shape, config.params["conv"])
             for key, shape in shapes.items()
         }
         self.raw_keys = [key for key in shapes if not self.linear[key]]
@@ -154,7 +154,7 @@ class _MergeRun:
             )  # yielded views: valid until the next chunk
             if self._sums_rows():
                 self._weighted_sum_of_rows(chunk, out)
-            elif self.config.method.basis == "svd":
+            elif self.config.method.basis is Basis.SVD:
                 self._merge_per_key(self._gather(chunk, check=True), out, chunk, thresholds)
             elif self._in_blocks(for_merge=True):
                 self._check_stop()
@@ -188,7 +188,7 @@ class _MergeRun:
         """Each task's exact threshold over all raw keys (TIES / LaS / DRM non-linear trims)."""
         chunks = plan_chunks(self.shapes, self.raw_keys, self.chunk_numel)
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
-        rank = self._rule.rank(self.config.keep, entries)
+        rank = self._rule.rank(self.config.trim_keep, entries)
 
         passes = itertools.count()
 
@@ -223,15 +223,17 @@ class _MergeRun:
         config, weights = self.config, self.weights
         mask = self.scratch.get("work", tuple(stack.shape))
         self._sparsify(stack, chunk, thresholds, mask)
-        if config.combine == "stitch":
+        if config.consensus is CombineStep.STITCH:
             consensus.stitch(stack, mask, weights, out, self.scratch)
-        elif config.combine == "sum":
+        elif config.consensus is CombineStep.SUM:
             consensus.weighted_sum(stack, weights, out)
+        elif config.consensus is not CombineStep.DISJOINT_MEAN:
+            raise ValueError(f"merge method '{config.method.name}': unknown combine step {config.consensus!r}")
         elif config.method.weights_after_election:
-            consensus.disjoint_mean(stack, config.sign, out, self.scratch, weights_after_election=weights)
+            consensus.disjoint_mean(stack, config.election, out, self.scratch, weights_after_election=weights)
         else:
             consensus.scale_rows_(stack, weights)
-            consensus.disjoint_mean(stack, config.sign, out, self.scratch)
+            consensus.disjoint_mean(stack, config.election, out, self.scratch)
 
     def _weighted_sum_of_rows(self, chunk: Chunk, out: torch.Tensor) -> None:
         """Σ wᵢτᵢ straight from each task's concatenated keys, in their stored dtype (accelerators).
@@ -250,18 +252,25 @@ class _MergeRun:
 
     def _sums_rows(self) -> bool:
         method = self.config.method
-        return method.sparsify == "none" and self.config.combine == "sum" and devices.batched_kernels(self.device)
+        return (
+            method.sparsify is Sparsify.NONE
+            and self.config.consensus is CombineStep.SUM
+            and devices.batched_kernels(self.device)
+        )
 
     def _sparsify(self, stack: torch.Tensor, chunk: Chunk, thresholds, mask: torch.Tensor) -> None:
         config = self.config
-        if config.method.sparsify == "random":
+        if config.method.sparsify is Sparsify.RANDOM:
             sparsify.drop_random_(stack, chunk, config.params["p"], config.params["seed"], self.scratch, self.tables)
-        elif config.method.sparsify == "magnitude":
+        elif config.method.sparsify is Sparsify.MAGNITUDE:
             if thresholds is not None:
                 sparsify.apply_threshold_(stack, thresholds, self._rule.strict, mask)
             elif config.params.get("topk_scope") == "per_tensor":
                 tables = self.tables if devices.batched_kernels(self.device) else None
-                sparsify.trim_per_tensor_(stack, chunk, config.keep, self._rule, mask, tables, self.scratch)
+                sparsify.trim_per_tensor_(stack, chunk, config.trim_keep, self._rule, mask, tables, self.scratch)
+            # else: no threshold needed — the trim keeps every entry (sparsify.trim_is_identity)
+        elif config.method.sparsify is not Sparsify.NONE:
+            raise ValueError(f"merge method '{config.method.name}': unknown sparsify stage {config.method.sparsify!r}")
 
     def _merge_per_key(self, stack: torch.Tensor, out: torch.Tensor, chunk: Chunk, thresholds) -> None:
         """DRM: 2-D weights through the joint SVD basis, every other key through the raw path."""
@@ -275,7 +284,7 @@ class _MergeRun:
             cols = segment.numel // rows
             result = drm.merge_matrix(
                 deltas.view(len(self.sources), rows, cols),
-                keep=self.config.method.basis_keep(params),
+                keep=self.config.basis_keep,
                 sign=self.config.sign,
                 weights=self.weights,
                 horizontal=drm.transposes(params["direction"], rows, cols),
@@ -299,7 +308,10 @@ class _MergeRun:
 
     @property
     def _rule(self) -> sparsify.RankRule:
-        return sparsify.RANK_RULES[self.config.method.rank_rule]
+        rule = self.config.method.rank_rule
+        if rule is None:
+            raise ValueError(f"merge method '{self.config.method.name}' has no rank rule for a magnitude trim")
+        return rule
 
     def _in_blocks(self, for_merge: bool) -> bool:
         """Whether to work in cache-sized blocks (CPU): the threshold passes always, the merge pass when every
@@ -310,21 +322,21 @@ class _MergeRun:
             return True
         method = self.config.method
         per_tensor = self.config.params.get("topk_scope") == "per_tensor"
-        return method.basis == "raw" and method.sparsify != "random" and not per_tensor
+        return method.basis is Basis.RAW and method.sparsify is not Sparsify.RANDOM and not per_tensor
 
     def _needs_tables(self) -> bool:
         """Whether a stage works on whole chunks from device tables (DARE; per-key trims on accelerators)."""
         per_tensor = self.config.params.get("topk_scope") == "per_tensor"
-        return self.config.method.sparsify == "random" or (per_tensor and devices.batched_kernels(self.device))
+        return self.config.method.sparsify is Sparsify.RANDOM or (per_tensor and devices.batched_kernels(self.device))
 
     def _needs_global_trim(self) -> bool:
         config = self.config
-        if config.method.sparsify != "magnitude" or not self.raw_keys:
+        if config.method.sparsify is not Sparsify.MAGNITUDE or not self.raw_keys:
             return False
         if config.params.get("topk_scope") == "per_tensor":
             return False
         entries = sum(math.prod(self.shapes[key]) for key in self.raw_keys)
-        return entries > 0 and not sparsify.trim_is_identity(self._rule, config.keep, entries)
+        return entries > 0 and not sparsify.trim_is_identity(self._rule, config.trim_keep, entries)
 
     def _check_stop(self) -> None:
         if self.should_stop is not None and self.should_stop():

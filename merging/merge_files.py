@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from .buffers import ByteMemory, Scratch
 from .chunks import CHUNK_NUMEL, as_sources, union_shapes
 from .device import best_device, runs_ahead
-from .io import ReadBuffer, RenamedMapping, SafetensorsFile, as_float32, parse_dtype, write_safetensors
+from .io import RenamedMapping, SafetensorsFile, as_float32, parse_dtype, write_safetensors
 from .keys import unet_key_map
 from .merge import iter_merged, merge_origin
 from .methods import resolve_merge
@@ -75,7 +76,7 @@ def merge_checkpoint_files(
     specs = [_spec(base, unet[key], target) for key in merged_keys] + [_spec(base, key, target) for key in copied]
 
     def stream():
-        upcast = ReadBuffer()
+        upcast = Scratch()
         merged = iter_merged(vectors, method, device=device, progress=progress, should_stop=should_stop, **params)
         for key, delta in merged:
             theta = as_float32(shared_base[key].to(delta.device), upcast)
@@ -130,7 +131,7 @@ class _ChunkReads(Mapping[str, torch.Tensor]):
     def __init__(self, file: SafetensorsFile, size: int, upcast: bool = False):
         self.file, self.upcast = file, upcast
         self._arena = torch.empty(size, dtype=torch.uint8)
-        self._staging = ReadBuffer()
+        self._staging = Scratch()
         self._kept: dict[str, torch.Tensor] = {}
         self._offset = 0
 
@@ -145,7 +146,7 @@ class _ChunkReads(Mapping[str, torch.Tensor]):
         return self._kept[key]
 
     def take(self, size: int) -> torch.Tensor:
-        """Memory for the next read (the ``ReadBuffer`` protocol); wraps around, forgetting older tensors."""
+        """Memory for the next read (:class:`~merging.buffers.ByteMemory`); wraps around, forgetting older tensors."""
         if self._offset + size > self._arena.numel():
             self._kept.clear()
             self._offset = 0
@@ -161,6 +162,9 @@ class _ChunkReads(Mapping[str, torch.Tensor]):
 
     def __contains__(self, key: object) -> bool:
         return key in self.file
+
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        return self[key]  # already in this mapping's own memory
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         return self.file.shape_of(key)

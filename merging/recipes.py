@@ -284,7 +284,7 @@ def _candidates(name, folders, files, find) -> list[Path]:
 
 
 def _first_matching(name: str, candidates: list[Path], entry: Mapping[str, Any]) -> Path:
-    first_error = None
+    first_error: RecipeInputChanged | None = None
     for path in candidates:
         try:
             verify_input(name, path, entry)
@@ -294,6 +294,7 @@ def _first_matching(name: str, candidates: list[Path], entry: Mapping[str, Any])
         return path
     if len(candidates) > 1:
         raise RecipeInputChanged(f"{first_error} ({len(candidates)} files named '{name}' checked, none matches)")
+    assert first_error is not None  # candidates is never empty here
     raise first_error
 
 

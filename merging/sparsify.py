@@ -35,7 +35,7 @@ class RankRule:
 RANK_RULES: dict[str, RankRule] = {
     # TIES official: kthvalue(|τ|, d − ⌊k·d⌋), keep ≥ → the (⌊k·d⌋+1)-th largest, ties included.
     "ties": RankRule(rank=lambda keep, d: min(d, int(keep * d) + 1), strict=False),
-    # LaS official: threshold = the ⌊k·d⌋-th largest |τ|, keep strictly greater (papers.md §3.1, §3.4).
+    # LaS official: threshold = the ⌊k·d⌋-th largest |τ|, keep strictly greater (docs/methods.md, Merging note 2).
     "las": RankRule(rank=lambda keep, d: min(d, max(1, int(keep * d))), strict=True),
     # DRM official: keeps round(n·(1 − drop_rate)) + 1 entries, i.e. ≥ the (round(n·keep)+1)-th largest.
     "drm": RankRule(rank=lambda keep, d: min(d, round(keep * d) + 1), strict=False),
@@ -84,6 +84,8 @@ def trim_per_tensor_(
             thresholds = kth_largest_magnitude_dense(stack[:, span], rank)
             apply_threshold_(stack[:, span], thresholds, rule.strict, mask[:, span])
         return
+    if scratch is None:
+        raise ValueError("trim_per_tensor_ with tables needs a scratch")
     every_rank = tables.table(("ranks", rule, keep), lambda: _segment_ranks(tables, rule, keep), torch.int64)
     ranks = every_rank[tables.segments(chunk)]
     segment_ids = tables.segment_ids(chunk, scratch)

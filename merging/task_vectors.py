@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .buffers import Scratch
 from .device import best_device
-from .io import ReadBuffer, as_float32, read_tensor, shape_of
-from .keys import check_shared_keys, fingerprint, normalise_key, normalised, select_keys
+from .io import as_float32, read_tensor, shape_of
+from .keys import check_shared_keys, normalise_key, normalised, select_keys, state_dict_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Difference(DeltaLeaf):
         self.finetuned, self.base, self.names = finetuned, base, names
         self._keys = list(finetuned.keys()) if keys is None else [normalise_key(key) for key in keys]
         self._shapes = _checked_shapes(finetuned, base, self._keys, names, whole=keys is None)
-        self._buffers = (ReadBuffer(), ReadBuffer(), ReadBuffer())
+        self._buffers = (Scratch(), Scratch(), Scratch())
         self._inputs: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
     def keys(self) -> Sequence[str]:
@@ -96,8 +97,9 @@ class Difference(DeltaLeaf):
         """
         if start == 0 or self._inputs is None or self._inputs[0] != key:
             finetuned_buffer, base_buffer, _ = self._buffers
-            base = read_tensor(self.base, key, base_buffer)
-            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer), base)
+            # detached: a model's own weights may require grad, and copying them into a block would be recorded
+            base = read_tensor(self.base, key, base_buffer).detach()
+            self._inputs = (key, read_tensor(self.finetuned, key, finetuned_buffer).detach(), base)
         _, finetuned, base = self._inputs
         if out.numel() == finetuned.numel():
             finetuned, base = finetuned.view(out.shape), base.view(out.shape)
@@ -193,7 +195,7 @@ class TaskVector:
     base_fingerprint: str | None = None
     nonfinite: str = "error"
     sources: tuple[str, ...] = ()
-    _shapes: dict = field(default=None, init=False, repr=False, compare=False)
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.nonfinite not in NONFINITE_POLICIES:
@@ -222,10 +224,6 @@ class TaskVector:
 
     def __len__(self) -> int:
         return len(self._shapes)
-
-    @property
-    def parameter_count(self) -> int:
-        return sum(math.prod(s) for s in self._shapes.values())
 
     @property
     def recipe(self) -> dict:
@@ -347,7 +345,9 @@ class TaskVector:
 
 def same_architecture(first: str | None, second: str | None) -> bool:
     """Whether two base fingerprints (``<architecture>-<weights>``) name the same architecture."""
-    return bool(first and second) and first.split("-")[0] == second.split("-")[0]
+    if not (first and second):
+        return False
+    return first.split("-")[0] == second.split("-")[0]
 
 
 class _Selected(DeltaLeaf):
@@ -392,7 +392,7 @@ def extract_task_vector(
         raise ValueError(f"{names[0]} has no keys")
     return TaskVector(
         ((1.0, leaf),),
-        base_fingerprint=fingerprint(base, {k: shape_of(base, k) for k in base}),
+        base_fingerprint=state_dict_fingerprint(base, {k: shape_of(base, k) for k in base}),
         nonfinite=nonfinite,
         sources=names,
     )
@@ -436,7 +436,7 @@ def apply_task_vector(
 _BLOCK_INDEX = re.compile(r"^\d+$")
 
 
-def block_name(key: str) -> str:
+def coarse_block_of(key: str) -> str:
     """The block a key belongs to: its path up to and including the first numeric index."""
     parts = key.split(".")
     if parts and parts[0] in ("diffusion_model", "text_encoders"):
@@ -458,7 +458,7 @@ def summarize(vector: TaskVector, device: torch.device | str | None = None) -> d
         total_sq += square
         zeros += int((delta == 0).sum())
         params += delta.numel()
-        name = block_name(key)
+        name = coarse_block_of(key)
         blocks[name] = blocks.get(name, 0.0) + square
     return {
         "keys": len(vector),

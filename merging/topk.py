@@ -1,9 +1,9 @@
 """Exact k-th largest magnitudes by counting (radix select): over a whole streamed model, or per segment.
 
-TIES trims each task vector to its top-k magnitudes over the *whole flattened model* (TIES paper §3;
-``../shared/docs/merging-anchors.md`` (d) 3) and Localize-and-Stitch localises with a global top-k
-(papers.md §3.1, §3.4 pitfall 3). Concatenating an SDXL- or Flux-size task vector to call ``torch.topk``
-would need tens of GB, so the threshold is found by counting instead:
+TIES trims each task vector to its top-k magnitudes over the *whole flattened model* (TIES, arXiv 2306.01708 §3) and
+Localize-and-Stitch localises with a global top-k (arXiv 2408.13656; ``docs/methods.md``, Merging note 1).
+Concatenating an SDXL- or Flux-size task vector to call ``torch.topk`` would need tens of GB, so the threshold is
+found by counting instead:
 
 * for non-negative IEEE-754 float32 values, the bit pattern read as an int32 is monotonic in the value;
 * pass 1 histograms the high 19 bits of |x| (8 exponent + 11 mantissa bits: 2¹⁹ bins per task) over every

@@ -2,6 +2,7 @@
 
 from . import (
     blocks,
+    blocks_server,
     checkpoints,
     demo,
     demo_wan,
@@ -9,6 +10,7 @@ from . import (
     merge,
     recipes,
     routing,
+    routing_server,
     superdiff,
     task_vectors,
     training,
@@ -16,9 +18,6 @@ from . import (
 from .comfy_bridge import register_task_vector_folder
 from .compat import ComfyExtension, io
 from .validation import refuse_nonfinite_numbers
-
-register_task_vector_folder()
-recipes.register_recipe_folder()
 
 ALL_NODES: list[type[io.ComfyNode]] = [
     *task_vectors.NODES,
@@ -37,6 +36,19 @@ for _node in ALL_NODES:  # every FLOAT input of every node must be a finite numb
     refuse_nonfinite_numbers(_node)
 
 
+def register() -> None:
+    """What the pack adds to ComfyUI besides nodes: its model folders and its server routes (idempotent)."""
+    register_task_vector_folder()
+    recipes.register_recipe_folder()
+    blocks_server.register_routes()
+    routing_server.register_routes()
+
+
 class DiffusionMergeExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # A loader that does not call on_load (ComfyUI 0.3.64's) still lists the nodes first: register here too.
+        register()
         return list(ALL_NODES)

@@ -11,14 +11,11 @@ import math
 
 from ..merging.blocks import describe_groups, group_keys
 from . import comfy_bridge as bridge
-from .blocks_server import register_routes
 from .compat import io, ui
 from .types import CATEGORY
 
-register_routes()
 
-
-class ModelBlocks(io.ComfyNode):
+class ModelBlocksNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -75,4 +72,4 @@ def format_blocks(summary: dict) -> str:
     return "\n".join(lines)
 
 
-NODES = [ModelBlocks]
+NODES = [ModelBlocksNode]

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 
 from ..merging.blocks import ARCHITECTURES, BlockGroups, UnknownArchitecture, group_keys
 from ..merging.io import SafetensorsFile
 from . import comfy_bridge as bridge
+from .common import add_get_route
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +133,5 @@ async def blocks_route(request):
 def register_routes() -> bool:
     """Add :data:`ROUTE` to ComfyUI's server when one is running (not in in-process tests); idempotent."""
     global _registered
-    if _registered:
-        return True
-    server = sys.modules.get("server")  # imported by main.py before custom nodes load
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        logger.debug("no PromptServer instance: %s not registered", ROUTE)
-        return False
-    instance.routes.get(ROUTE)(blocks_route)
-    _registered = True
-    return True
+    _registered = _registered or add_get_route(ROUTE, blocks_route)
+    return _registered

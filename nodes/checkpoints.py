@@ -15,6 +15,7 @@ from ..merging.io import parse_dtype, write_safetensors
 from ..merging.recipes import RECIPE_METADATA_KEY, not_rerunnable_recipe
 from . import comfy_bridge as bridge
 from . import compat
+from .common import hidden_input
 from .compat import io
 from .types import CATEGORY, DTYPE_CHOICES, overflow_input
 
@@ -39,7 +40,7 @@ def checkpoint_plan(model, clip=None, vae=None) -> list[tuple[str, object, str |
     owners = _tensor_identities(model.model.diffusion_model, "unet:diffusion_model.")
     if clip is not None:
         owners.update(_tensor_identities(clip.cond_stage_model, "clip:"))
-    plan = []
+    plan: list[tuple[str, object, str | None]] = []
     for key, tensor in layout.items():
         owner = owners.get(tensor.data_ptr()) if tensor.numel() else None
         plan.append((key, tensor, owner))
@@ -62,7 +63,7 @@ def output_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if tensor.is_floating_point() else tensor.dtype
 
 
-class SaveCheckpointStreaming(io.ComfyNode):
+class SaveCheckpointStreamingNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -101,7 +102,7 @@ class SaveCheckpointStreaming(io.ComfyNode):
         target = parse_dtype(dtype)
         plan = checkpoint_plan(model, clip, vae)
         specs = [(key, output_dtype(tensor, target), tuple(tensor.shape)) for key, tensor, _ in plan]
-        metadata = checkpoint_metadata(model, getattr(cls.hidden, "prompt", None), target)
+        metadata = checkpoint_metadata(model, hidden_input(cls, "prompt"), target)
         stream = stream_checkpoint(plan, model, clip, target, mm.get_torch_device())
         write_safetensors(path, specs, stream, metadata, bridge.KeyProgress(len(plan)), overflow)
         relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())
@@ -110,7 +111,8 @@ class SaveCheckpointStreaming(io.ComfyNode):
 
 def checkpoint_metadata(model, prompt, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """The recipes of task vectors patched into the model, the pack version and the prompt."""
-    recipes, applied = [], []
+    recipes: list = []
+    applied: list = []
     for patches in model.patches.values():
         for patch in patches:
             value = patch[1]
@@ -141,4 +143,4 @@ def checkpoint_recipe(applied: list, dtype: torch.dtype) -> dict:
     )
 
 
-NODES = [SaveCheckpointStreaming]
+NODES = [SaveCheckpointStreamingNode]

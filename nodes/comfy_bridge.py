@@ -15,10 +15,12 @@ import torch
 from comfy.weight_adapter import LoRAAdapter, WeightAdapterBase
 
 from ..merging import ComputedDeltas, StoredDeltas, TaskVector, lora_delta
+from ..merging.buffers import ByteMemory
 from ..merging.channel_projection import companion_path, is_projection_key, load_projections, projection_deltas
 from ..merging.io import RenamedMapping, SafetensorsFile, file_fingerprint
-from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, fingerprint
+from ..merging.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, check_shared_keys, state_dict_fingerprint
 from . import projection
+from .common import register_folder
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +53,6 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
         weight = convert(mm.cast_to_device(weight, device, torch.float32, copy=True), inplace=True)
         return comfy.lora.calculate_weight(patches, weight, original_key)
 
-    def is_patched(self, key: str) -> bool:
-        return len(self._entries[key][1]) > 1
-
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -63,8 +62,14 @@ class PatchedWeights(Mapping[str, torch.Tensor]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries  # Mapping's default would compute the patched weight
 
+    def read(self, key: str, buffer: ByteMemory) -> torch.Tensor:
+        return self[key]  # computed in memory, not read from a file
+
     def shape_of(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key][1][0][0].shape)
+
+    def head(self, key: str, count: int) -> torch.Tensor:
+        return self[key].reshape(-1)[:count]
 
 
 def _is_float(tensor) -> bool:
@@ -77,9 +82,10 @@ def model_weights(model) -> PatchedWeights:
 
 
 def model_fingerprint(model) -> str:
-    """The base fingerprint (:func:`merging.keys.fingerprint`) of a MODEL's effective diffusion-model weights."""
+    """The base fingerprint (:func:`merging.keys.state_dict_fingerprint`) of a MODEL's effective diffusion-model
+    weights."""
     weights = model_weights(model)
-    return fingerprint(weights, {key: weights.shape_of(key) for key in weights})
+    return state_dict_fingerprint(weights, {key: weights.shape_of(key) for key in weights})
 
 
 def clip_weights(clip) -> Mapping[str, torch.Tensor]:
@@ -165,14 +171,19 @@ def projection_task_vector(finetuned, base) -> TaskVector | None:
     if not tuned and not original:
         return None
     tuned_deltas, base_deltas = projection_deltas(tuned), projection_deltas(original)
-    deltas = {}
+    deltas: dict[str, torch.Tensor] = {}
     for key in sorted(set(tuned_deltas) | set(base_deltas)):
         one, other = tuned_deltas.get(key), base_deltas.get(key)
         if one is not None and other is not None and one.shape != other.shape:
             raise ValueError(
                 f"projection '{key}' is {tuple(one.shape)} in the fine-tune but {tuple(other.shape)} in the base"
             )
-        deltas[key] = (one if one is not None else 0) - (other if other is not None else 0)
+        if one is not None and other is not None:
+            deltas[key] = one - other
+        elif one is not None:
+            deltas[key] = one
+        elif other is not None:
+            deltas[key] = -other
     return TaskVector(((1.0, StoredDeltas(deltas, "channel projections")),))
 
 
@@ -270,15 +281,7 @@ def _is_plain_lora(adapter: LoRAAdapter) -> bool:
 
 def register_task_vector_folder() -> None:
     """``models/task_vectors`` (and ``output/task_vectors``, where the save node writes) as a model folder."""
-    paths = [
-        os.path.join(folder_paths.models_dir, TASK_VECTOR_FOLDER),
-        os.path.join(folder_paths.get_output_directory(), TASK_VECTOR_FOLDER),
-    ]
-    if TASK_VECTOR_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[TASK_VECTOR_FOLDER] = ([], set(SAFETENSORS_SUFFIXES))
-    known, suffixes = folder_paths.folder_names_and_paths[TASK_VECTOR_FOLDER]
-    suffixes.update(SAFETENSORS_SUFFIXES)
-    known.extend(p for p in paths if p not in known)
+    register_folder(TASK_VECTOR_FOLDER, SAFETENSORS_SUFFIXES)
 
 
 def safetensors_choices(*folders: str) -> list[str]:
@@ -322,7 +325,10 @@ def files_fingerprint(names_and_folders: list[tuple[str, tuple[str, ...]]]) -> s
 def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safetensors") -> Path:
     """A new numbered file inside ComfyUI's output folder for a user prefix such as ``task_vectors/tau``.
 
-    Absolute prefixes and ``..`` components are refused before anything touches the disk.
+    Names and counters come from ComfyUI's own ``folder_paths.get_save_image_path`` (so ``%year%``, ``%month%``,
+    ``%day%``, ``%hour%``, ``%minute%``, ``%second%`` are filled in as for images). Absolute prefixes and ``..``
+    components are refused before anything touches the disk, and a folder that resolves outside the output
+    folder (a symbolic link) afterwards.
     """
     prefix = filename_prefix.strip().replace("\\", "/")
     parts = PurePath(prefix).parts
@@ -331,20 +337,18 @@ def output_path(filename_prefix: str, default_folder: str, suffix: str = ".safet
     if len(parts) == 1:
         prefix = f"{default_folder}/{prefix}"
     output_dir = Path(folder_paths.get_output_directory()).resolve()
-    folder, name = os.path.split(prefix)
-    target_dir = (output_dir / folder).resolve()
-    if not target_dir.is_relative_to(output_dir):
-        raise ValueError(f"filename prefix '{filename_prefix}' points outside the output folder")
+    _check_inside(output_dir / os.path.dirname(prefix), output_dir, filename_prefix)
+    folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, str(output_dir))
+    target_dir = _check_inside(Path(folder), output_dir, filename_prefix)
     target_dir.mkdir(parents=True, exist_ok=True)
-    counter = 1 + max((_counter_of(p.name, name, suffix) for p in target_dir.iterdir()), default=0)
     return target_dir / f"{name}_{counter:05d}_{suffix}"
 
 
-def _counter_of(filename: str, name: str, suffix: str) -> int:
-    stem = filename.removeprefix(name + "_").removesuffix("_" + suffix)
-    if filename.startswith(name + "_") and filename.endswith("_" + suffix) and stem.isdigit():
-        return int(stem)
-    return 0
+def _check_inside(folder: Path, output_dir: Path, filename_prefix: str) -> Path:
+    resolved = folder.resolve()
+    if not resolved.is_relative_to(output_dir):
+        raise ValueError(f"filename prefix '{filename_prefix}' points outside the output folder")
+    return resolved
 
 
 class KeyProgress:

@@ -104,7 +104,7 @@ def process_conds(model, noise, conds, device, latent_image, denoise_mask, seed,
 
 # Fields newer network classes require that older configs lack, with the value that reproduces the old
 # behaviour: Flux's ``txt_ids_dims`` (which text-position axes carry ids; none for Flux.1).
-_CLASSIC_FIELD_VALUES = {"txt_ids_dims": []}
+_CLASSIC_FIELD_VALUES: dict[str, list] = {"txt_ids_dims": []}
 
 
 def complete_dit_config(config: Mapping[str, Any], params_class) -> dict[str, Any]:

@@ -19,7 +19,7 @@ PROMPT_HELP = (
 )
 
 
-class DemoCheckpointLoader(io.ComfyNode):
+class DemoCheckpointLoaderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -66,7 +66,7 @@ class DemoCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-class LoadMiniModel(io.ComfyNode):
+class LoadMiniModelNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -103,7 +103,7 @@ def _variant_names() -> list[str]:
     return list(mini_models.variants()) or ["base"]
 
 
-class LoadMiniCheckpoint(io.ComfyNode):
+class LoadMiniCheckpointNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -132,4 +132,4 @@ class LoadMiniCheckpoint(io.ComfyNode):
         return io.NodeOutput(*mini_models.load_checkpoint_file(path))
 
 
-NODES = [DemoCheckpointLoader, LoadMiniModel, LoadMiniCheckpoint]
+NODES = [DemoCheckpointLoaderNode, LoadMiniModelNode, LoadMiniCheckpointNode]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -99,7 +100,7 @@ TINY_CLIP_CONFIG = {
     "pad_token_id": 1,
 }
 
-TINY_VAE_CONFIG = {
+TINY_VAE_CONFIG: dict[str, Any] = {
     "params": {
         "embed_dim": 4,
         "ddconfig": {

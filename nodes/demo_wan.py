@@ -9,7 +9,7 @@ from .compat import io
 from .types import CATEGORY
 
 
-class DemoWanLoader(io.ComfyNode):
+class DemoWanLoaderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -58,4 +58,4 @@ class DemoWanLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-NODES = [DemoWanLoader]
+NODES = [DemoWanLoaderNode]

@@ -11,13 +11,14 @@ from .. import merging
 from ..merging.lora_extract import BACKENDS, CONV_MODES, OTHER_KEY_MODES, extract_lora, format_report, load_lora
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
+from .common import hidden_input
 from .compat import io, ui
 from .types import CATEGORY, DTYPE_CHOICES, TaskVectorType
 
 RANK_MODES = ("rank", "energy")
 
 
-class TaskVectorToLoRA(io.ComfyNode):
+class TaskVectorToLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -125,7 +126,7 @@ class TaskVectorToLoRA(io.ComfyNode):
         settings = {"rank": rank} if mode == "rank" else {"energy": energy, "max_rank": max_rank}
         path = bridge.output_path(filename_prefix, default_folder="loras")
         metadata = {"dm_version": merging.__version__}
-        prompt = getattr(cls.hidden, "prompt", None)  # hidden is unset when called outside a prompt
+        prompt = hidden_input(cls, "prompt")
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         progress = bridge.KeyProgress(len(task_vector))
@@ -147,4 +148,4 @@ class TaskVectorToLoRA(io.ComfyNode):
         return io.NodeOutput(load_lora(path), json.dumps(report.summary()), ui=ui.PreviewText(text))
 
 
-NODES = [TaskVectorToLoRA]
+NODES = [TaskVectorToLoRANode]

@@ -14,18 +14,25 @@ import comfy.model_management as mm
 import comfy.utils
 import torch
 
+from ..merging.consensus import SIGN_RULES
+from ..merging.drm import DIRECTIONS
 from ..merging.key_weights import parse_weight_rules
 from ..merging.merge import merge_to_task_vector
+from ..merging.methods import COMMON_DEFAULTS, METHODS, TOPK_SCOPES
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
 from .compat import io
-from .types import CATEGORY, TaskVectorType
+from .types import CATEGORY, TaskVectorStackType, TaskVectorType
 
 logger = logging.getLogger(__name__)
 
 MERGE_CATEGORY = f"{CATEGORY}/merging"
-TaskVectorStackType = io.Custom("DM_TASK_VECTOR_STACK")
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Widget defaults and options come from the library, the one place that defines them.
+LAM = COMMON_DEFAULTS["lam"]
+TIES, DARE, LAS, DRM = (METHODS[name].defaults for name in ("ties", "dare", "las", "drm"))
+NO_SIGN = "none"
+"""The DARE node's sign option for no election (the library's ``sign=None``)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,7 @@ class StackEntry:
     weight: float
 
 
-class TaskVectorStack(io.ComfyNode):
+class TaskVectorStackNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -70,7 +77,7 @@ def _common_inputs() -> list[io.Input]:
     ]
 
 
-def _lam_input(default: float = 1.0) -> io.Input:
+def _lam_input(default: float = LAM) -> io.Input:
     return io.Float.Input(
         "lam",
         default=default,
@@ -150,7 +157,7 @@ def warn_on_other_bases(base, vectors: list[TaskVector]) -> None:
             )
 
 
-class MergeTaskArithmetic(io.ComfyNode):
+class MergeTaskArithmeticNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -163,11 +170,11 @@ class MergeTaskArithmetic(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base, task_vectors, lam=1.0, weight_rules=""):
+    def execute(cls, base, task_vectors, lam=LAM, weight_rules=""):
         return run_merge(base, task_vectors, "weighted", weight_rules, lam=lam)
 
 
-class MergeTIES(io.ComfyNode):
+class MergeTIESNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -181,7 +188,7 @@ class MergeTIES(io.ComfyNode):
                 *_common_inputs(),
                 io.Float.Input(
                     "k",
-                    default=0.2,
+                    default=TIES["k"],
                     min=0.0001,
                     max=1.0,
                     step=0.01,
@@ -189,15 +196,15 @@ class MergeTIES(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "topk_scope",
-                    options=["global", "per_tensor"],
-                    default="global",
+                    options=list(TOPK_SCOPES),
+                    default=TIES["topk_scope"],
                     tooltip="global: top-k over the whole model (the paper); per_tensor: within each tensor "
                     "(what most other tools do).",
                 ),
                 io.Combo.Input(
                     "sign",
-                    options=["mass", "count"],
-                    default="mass",
+                    options=list(SIGN_RULES),
+                    default=TIES["sign"],
                     tooltip="Sign election: by summed values (the paper) or by majority count.",
                 ),
                 _lam_input(),
@@ -207,11 +214,20 @@ class MergeTIES(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base, task_vectors, k=0.2, topk_scope="global", sign="mass", lam=1.0, weight_rules=""):
+    def execute(
+        cls,
+        base,
+        task_vectors,
+        k=TIES["k"],
+        topk_scope=TIES["topk_scope"],
+        sign=TIES["sign"],
+        lam=LAM,
+        weight_rules="",
+    ):
         return run_merge(base, task_vectors, "ties", weight_rules, k=k, topk_scope=topk_scope, sign=sign, lam=lam)
 
 
-class MergeDARE(io.ComfyNode):
+class MergeDARENode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -224,7 +240,7 @@ class MergeDARE(io.ComfyNode):
                 *_common_inputs(),
                 io.Float.Input(
                     "p",
-                    default=0.9,
+                    default=DARE["p"],
                     min=0.0,
                     max=0.999,
                     step=0.01,
@@ -232,18 +248,18 @@ class MergeDARE(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "rescale",
-                    default=True,
+                    default=DARE["rescale"],
                     tooltip="Rescale kept entries by 1/(1−p) so the expected change is unchanged (the paper).",
                 ),
                 io.Combo.Input(
                     "sign",
-                    options=["none", "mass", "count"],
-                    default="none",
+                    options=[NO_SIGN, *SIGN_RULES],
+                    default=DARE["sign"] or NO_SIGN,
                     tooltip="none: weighted sum (DARE); mass/count: TIES-style election + disjoint mean (DARE-TIES).",
                 ),
                 io.Int.Input(
                     "seed",
-                    default=0,
+                    default=DARE["seed"],
                     min=0,
                     max=2**31 - 1,
                     tooltip="Seed of the random drop masks (results do not depend on key order or device).",
@@ -255,14 +271,24 @@ class MergeDARE(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base, task_vectors, p=0.9, rescale=True, sign="none", seed=0, lam=1.0, weight_rules=""):
-        election = None if sign == "none" else sign
+    def execute(
+        cls,
+        base,
+        task_vectors,
+        p=DARE["p"],
+        rescale=DARE["rescale"],
+        sign=DARE["sign"] or NO_SIGN,
+        seed=DARE["seed"],
+        lam=LAM,
+        weight_rules="",
+    ):
+        election = None if sign == NO_SIGN else sign
         return run_merge(
             base, task_vectors, "dare", weight_rules, p=p, rescale=rescale, sign=election, seed=seed, lam=lam
         )
 
 
-class MergeLocalizeAndStitch(io.ComfyNode):
+class MergeLocalizeAndStitchNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -276,7 +302,7 @@ class MergeLocalizeAndStitch(io.ComfyNode):
                 *_common_inputs(),
                 io.Float.Input(
                     "k",
-                    default=0.05,
+                    default=LAS["k"],
                     min=0.0001,
                     max=1.0,
                     step=0.01,
@@ -289,11 +315,11 @@ class MergeLocalizeAndStitch(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base, task_vectors, k=0.05, lam=1.0, weight_rules=""):
+    def execute(cls, base, task_vectors, k=LAS["k"], lam=LAM, weight_rules=""):
         return run_merge(base, task_vectors, "las", weight_rules, k=k, lam=lam)
 
 
-class MergeDRM(io.ComfyNode):
+class MergeDRMNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -307,7 +333,7 @@ class MergeDRM(io.ComfyNode):
                 *_common_inputs(),
                 io.Float.Input(
                     "drop_rate",
-                    default=0.8,
+                    default=DRM["drop_rate"],
                     min=0.0,
                     max=0.999,
                     step=0.01,
@@ -316,14 +342,14 @@ class MergeDRM(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "direction",
-                    options=["vertical", "horizontal", "auto"],
-                    default="vertical",
+                    options=list(DIRECTIONS),
+                    default=DRM["direction"],
                     tooltip="vertical: stack deltas by rows (shared input space); horizontal: by columns; "
                     "auto: per layer, the cheaper SVD.",
                 ),
                 io.Boolean.Input(
                     "conv",
-                    default=False,
+                    default=DRM["conv"],
                     tooltip="Also merge conv kernels as (out, in·k·k) matrices — our extension; off = the paper.",
                 ),
                 _lam_input(),
@@ -333,10 +359,26 @@ class MergeDRM(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base, task_vectors, drop_rate=0.8, direction="vertical", conv=False, lam=1.0, weight_rules=""):
+    def execute(
+        cls,
+        base,
+        task_vectors,
+        drop_rate=DRM["drop_rate"],
+        direction=DRM["direction"],
+        conv=DRM["conv"],
+        lam=LAM,
+        weight_rules="",
+    ):
         return run_merge(
             base, task_vectors, "drm", weight_rules, drop_rate=drop_rate, direction=direction, conv=conv, lam=lam
         )
 
 
-NODES = [TaskVectorStack, MergeTaskArithmetic, MergeTIES, MergeDARE, MergeLocalizeAndStitch, MergeDRM]
+NODES = [
+    TaskVectorStackNode,
+    MergeTaskArithmeticNode,
+    MergeTIESNode,
+    MergeDARENode,
+    MergeLocalizeAndStitchNode,
+    MergeDRMNode,
+]

@@ -25,7 +25,7 @@ ATTACHMENT = "diffusion_merge.channel_projection"
 AFTER_INPUT_PATCH, BEFORE_OUTPUT_PATCH = "input_block_patch_after_skip", "output_block_patch"
 
 
-def block_name(block: tuple[str, int] | None, before_output: bool) -> str | None:
+def projection_block_of(block: tuple[str, int] | None, before_output: bool) -> str | None:
     """The projection that a patch call applies, from ``transformer_options["block"]``."""
     if block is None:
         return None
@@ -62,7 +62,9 @@ class AfterInputBlock:
         self.projections = projections
 
     def __call__(self, hidden, transformer_options):
-        return self.projections.apply(hidden, block_name(transformer_options.get("block"), before_output=False))
+        return self.projections.apply(
+            hidden, projection_block_of(transformer_options.get("block"), before_output=False)
+        )
 
     def __deepcopy__(self, memo):
         return self
@@ -73,7 +75,7 @@ class BeforeOutputBlock:
         self.projections = projections
 
     def __call__(self, hidden, skip, transformer_options):
-        block = block_name(transformer_options.get("block"), before_output=True)
+        block = projection_block_of(transformer_options.get("block"), before_output=True)
         return self.projections.apply(hidden, block), skip
 
     def __deepcopy__(self, memo):

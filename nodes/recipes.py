@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -23,6 +22,7 @@ from ..merging.recipes import (
 from ..merging.task_vector_files import task_vector_from_files
 from ..merging.task_vectors import TaskVector
 from . import comfy_bridge as bridge
+from .common import hidden_input, register_folder
 from .compat import io, ui
 from .types import CATEGORY, TaskVectorType
 
@@ -39,21 +39,21 @@ RESULT_FOLDERS = {"task_vector": bridge.TASK_VECTOR_FOLDER, "checkpoint": "check
 
 def register_recipe_folder() -> None:
     """``models/recipes`` and ``output/recipes`` (where Save Recipe writes) as a folder of ``.json`` recipes."""
-    paths = [
-        os.path.join(folder_paths.models_dir, RECIPE_FOLDER),
-        os.path.join(folder_paths.get_output_directory(), RECIPE_FOLDER),
-    ]
-    if RECIPE_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[RECIPE_FOLDER] = ([], set(RECIPE_SUFFIXES))
-    known, suffixes = folder_paths.folder_names_and_paths[RECIPE_FOLDER]
-    suffixes.update(RECIPE_SUFFIXES)
-    known.extend(p for p in paths if p not in known)
+    register_folder(RECIPE_FOLDER, RECIPE_SUFFIXES)
+
+
+def _register_source_folders() -> None:
+    """The pack's own folders this module lists (registered by the extension's load hook; again here, idempotently,
+    for a schema built before it ran — e.g. by a test that lists the nodes directly)."""
+    register_recipe_folder()
+    bridge.register_task_vector_folder()
 
 
 def recipe_sources() -> list[str]:
     """Every recipe .json and every saved safetensors file a recipe may live in: ``<folder>/<file>`` for the
     model folders (task_vectors and recipes include their output folders), ``output/<folder>/<file>`` for
     checkpoints and LoRAs this pack wrote into the output folder."""
+    _register_source_folders()
     sources = [NO_FILE]
     for folder in FILE_SOURCE_FOLDERS:
         suffixes = RECIPE_SUFFIXES if folder == RECIPE_FOLDER else bridge.SAFETENSORS_SUFFIXES
@@ -81,6 +81,7 @@ def resolve_source(source: str) -> Path:
         return path
     if folder not in FILE_SOURCE_FOLDERS or not name:
         raise ValueError(f"recipe source '{source}' must be '<folder>/<file>', the folder one of {FILE_SOURCE_FOLDERS}")
+    _register_source_folders()
     path = folder_paths.get_full_path(folder, name)
     if not path:
         raise FileNotFoundError(f"'{name}' was not found in the {folder} folders")
@@ -90,6 +91,7 @@ def resolve_source(source: str) -> Path:
 def find_input(name: str) -> list[Path]:
     """Every file called ``name`` in the input model folders and anywhere in the output folder (the hash check
     picks the right one)."""
+    _register_source_folders()
     found = []
     for folder in INPUT_FOLDERS:
         for relative in folder_paths.get_filename_list(folder):
@@ -102,7 +104,7 @@ def find_input(name: str) -> list[Path]:
     return found
 
 
-class SaveRecipe(io.ComfyNode):
+class SaveRecipeNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -150,7 +152,7 @@ def describe(recipe: dict) -> list[str]:
     return [head, *recipe_inputs_table(recipe)]
 
 
-class RunRecipe(io.ComfyNode):
+class RunRecipeNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -218,7 +220,7 @@ class RunRecipe(io.ComfyNode):
         if kind == "checkpoint" or write_file:
             folder = RESULT_FOLDERS[kind]
             path = bridge.output_path(filename_prefix, default_folder=folder)
-            vector = write_again(recipe, paths, path, cls.hidden, run)
+            vector = write_again(recipe, paths, path, hidden_input(cls, "prompt"), run)
             relative = path.relative_to(Path(folder_paths.get_output_directory()).resolve())
             lines.append(f"wrote output/{relative.as_posix()}")
         else:
@@ -246,10 +248,10 @@ def load_recipe(recipe_file: str, recipe_json: str) -> dict:
     return read_recipe(recipe_json)
 
 
-def write_again(recipe: dict, paths: dict, path: Path, hidden, run: dict) -> TaskVector:
-    """Write the recipe's file to ``path``; returns the task vector the node outputs for it."""
+def write_again(recipe: dict, paths: dict, path: Path, prompt, run: dict) -> TaskVector:
+    """Write the recipe's file to ``path``; returns the task vector the node outputs for it (``prompt``: the
+    workflow's, for the file's metadata, or None)."""
     metadata = {"dm_version": merging.__version__}
-    prompt = getattr(hidden, "prompt", None)
     if prompt is not None:
         metadata["prompt"] = json.dumps(prompt)
     kind = recipe["result"]["kind"]
@@ -261,4 +263,4 @@ def write_again(recipe: dict, paths: dict, path: Path, hidden, run: dict) -> Tas
     return merging.load_lora(path) if kind == "lora" else vector
 
 
-NODES = [SaveRecipe, RunRecipe]
+NODES = [SaveRecipeNode, RunRecipeNode]

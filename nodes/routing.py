@@ -2,22 +2,19 @@
 
 Experts are chained node to node as a ``DM_EXPERT_LIST`` (first = highest noise); each Route Expert node
 says where its expert stops. The machinery lives in ``routing_runtime``; the range maths in
-``merging.schedules``.
+``merging.sampling.schedules``.
 """
 
 from __future__ import annotations
 
-from ..merging.schedules import UNITS, Boundary
+from ..merging.sampling.schedules import UNITS, Boundary
 from . import comfy_bridge as bridge
 from . import routing_runtime as runtime
+from .common import hidden_input
 from .compat import io
-from .routing_server import register_routes
-from .types import CATEGORY, TaskVectorType
+from .types import CATEGORY, ExpertListType, TaskVectorType
 
 ROUTING_CATEGORY = f"{CATEGORY}/routing"
-ExpertListType = io.Custom("DM_EXPERT_LIST")
-
-register_routes()
 
 
 # -- shared inputs ----------------------------------------------------------------------------------
@@ -101,15 +98,10 @@ def _expert(model, end, unit, cfg, positive, negative) -> runtime.Expert:
     return runtime.Expert(model, Boundary(float(end), unit), float(cfg) or None, positive, negative)
 
 
-def _node_id(cls) -> str | None:
-    hidden = getattr(cls, "hidden", None)  # unset when called outside a prompt
-    return getattr(hidden, "unique_id", None)
-
-
 # -- nodes ------------------------------------------------------------------------------------------
 
 
-class RouteExpert(io.ComfyNode):
+class RouteExpertNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -128,7 +120,7 @@ class RouteExpert(io.ComfyNode):
         return io.NodeOutput(runtime.append_expert(experts, _expert(model, end, unit, cfg, positive, negative)))
 
 
-class RouteTaskVectorExpert(io.ComfyNode):
+class RouteTaskVectorExpertNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -163,7 +155,7 @@ class RouteTaskVectorExpert(io.ComfyNode):
         return io.NodeOutput(runtime.append_expert(experts, _expert(model, end, unit, cfg, positive, negative)))
 
 
-class RoutedModel(io.ComfyNode):
+class RoutedModelNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -180,12 +172,12 @@ class RoutedModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, memory_mode="resident"):
-        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, _node_id(cls))
+        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, hidden_input(cls, "unique_id"))
         router.warn_about_ignored_settings(uses_guider=False)
         return io.NodeOutput(routed)
 
 
-class RoutedGuider(io.ComfyNode):
+class RoutedGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -215,9 +207,9 @@ class RoutedGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, experts, positive, negative, cfg=8.0, memory_mode="resident"):
-        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, _node_id(cls))
+        routed, router = runtime.build_routed_model(tuple(experts or ()), memory_mode, hidden_input(cls, "unique_id"))
         router.warn_about_ignored_settings(uses_guider=True)
         return io.NodeOutput(runtime.RoutedGuider(routed, router, positive, negative, cfg))
 
 
-NODES = [RouteExpert, RouteTaskVectorExpert, RoutedModel, RoutedGuider]
+NODES = [RouteExpertNode, RouteTaskVectorExpertNode, RoutedModelNode, RoutedGuiderNode]

@@ -17,16 +17,15 @@ together with the routed model before sampling (no load mid-run), and keeps the 
 resident weight sets (``routing_weights``) while they fit; ``sequential`` loads only the active expert and,
 at each boundary, unloads the outgoing one and loads the next (one load per expert per run).
 
-The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything
-queued. The expert is therefore chosen from the sampler's reported progress (``merging.schedules.call_windows``)
-and the calls' real σ are read once, after the run: a sampler whose calls did not follow its progress (a
-restart sampler, adaptive steps) is run again reading σ where needed, and remembered.
+The σ of a call lives on the device; reading it would stop the host until the GPU has finished everything queued.
+The expert is therefore chosen from the sampler's reported progress (``merging.sampling.schedules.call_windows``)
+and the calls' real σ are read once, after the run: a sampler whose calls did not follow its progress (a restart
+sampler, adaptive steps) is run again reading σ where needed, and remembered.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import numbers
 from collections import OrderedDict
@@ -36,39 +35,27 @@ from enum import Enum
 from typing import Any
 
 import comfy.model_management as mm
-import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.samplers
 import node_helpers
 import torch
 
-from ..merging.schedules import (
+from ..merging.sampling.schedules import (
     Boundary,
-    SigmaScale,
     call_windows,
     check_coverage,
     coverage_problem,
-    discrete_scale,
     expert_index,
-    flow_scale,
     resolve_ends,
 )
 from . import compat
+from .common import model_family, parameterisation, sigma_scale, weights_key
 from .routing_weights import ExpertWeightSets
 
 logger = logging.getLogger(__name__)
 
 ROUTER_KEY = "diffusion_merge.router"
 MEMORY_MODES = ("resident", "sequential")
-_PARAMETERISATIONS = (
-    comfy.model_sampling.CONST,
-    comfy.model_sampling.IMG_TO_IMG,
-    comfy.model_sampling.X0,
-    comfy.model_sampling.EDM,
-    comfy.model_sampling.V_PREDICTION,
-    comfy.model_sampling.EPS,
-    comfy.model_sampling.COSMOS_RFLOW,
-)
 _PATCH_OPTIONS = ("model_function_wrapper", "sampler_cfg_function", "sampler_post_cfg_function")
 _REMEMBERED_SAMPLINGS = 64
 # How an expert is chosen per call, from the cheapest to the safest: the schedule point for calls between
@@ -106,36 +93,8 @@ def append_expert(experts: tuple[Expert, ...] | None, expert: Expert) -> tuple[E
 # -- model sampling ---------------------------------------------------------------------------------
 
 
-def sigma_scale(model_sampling) -> SigmaScale:
-    """The :class:`SigmaScale` of a ComfyUI model-sampling object (shift and object patches included)."""
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
-        scale = flow_scale(model_sampling.percent_to_sigma)
-    elif type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep:
-        scale = discrete_scale(model_sampling.sigmas.detach().cpu(), model_sampling.percent_to_sigma)
-    else:
-        scale = SigmaScale(
-            model_sampling.percent_to_sigma,
-            lambda timestep: float(model_sampling.sigma(torch.tensor(float(timestep)))),
-            lambda sigma: float(model_sampling.timestep(torch.tensor(float(sigma)))),
-        )
-    sigma_max = getattr(model_sampling, "sigma_max", None)
-    return scale if sigma_max is None else dataclasses.replace(scale, sigma_max=float(sigma_max))
-
-
-def parameterisation(model_sampling) -> str:
-    """What a model predicts, as ComfyUI's class name: EPS, V_PREDICTION, CONST (flow), EDM, …"""
-    for cls in _PARAMETERISATIONS:
-        if isinstance(model_sampling, cls):
-            return cls.__name__
-    return type(model_sampling).__name__
-
-
 def _sampling_of(patcher):
     return patcher.get_model_object("model_sampling")
-
-
-def _family(patcher) -> str:
-    return type(patcher.model.model_config).__name__
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -152,10 +111,10 @@ def check_experts(experts: tuple[Expert, ...]) -> None:
             raise ValueError(f"expert {number}: the input is not a MODEL")
         if model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, ROUTER_KEY):
             raise ValueError(f"expert {number} is itself a routed model; chain all experts into one router instead")
-        _check_same_family(first, model, number)
+        _check_samemodel_family(first, model, number)
 
 
-def _check_same_family(first, model, number: int) -> None:
+def _check_samemodel_family(first, model, number: int) -> None:
     checks = (
         ("latent format", lambda p: type(p.model.latent_format).__name__),
         ("model type", lambda p: getattr(p.model.model_type, "name", str(p.model.model_type))),
@@ -164,9 +123,9 @@ def _check_same_family(first, model, number: int) -> None:
     for what, read in checks:
         if read(model) != read(first):
             raise ValueError(
-                f"expert {number} ({_family(model)}) has {what} {read(model)} but expert 1 ({_family(first)}) has "
-                f"{read(first)}: routed experts must share one latent space and prediction type — "
-                "use models of the same family (e.g. SDXL base + refiner, Wan 2.2 high + low)"
+                f"expert {number} ({model_family(model)}) has {what} {read(model)} but expert 1 "
+                f"({model_family(first)}) has {read(first)}: routed experts must share one latent space and "
+                "prediction type — use models of the same family (e.g. SDXL base + refiner, Wan 2.2 high + low)"
             )
 
 
@@ -189,11 +148,6 @@ class Kind(Enum):
     PRIMARY = "the routed model's own weights"
     SWAP = "same modules as expert 1, other patches: swapped in at its boundary"
     DELEGATE = "separate modules: called through its own apply_model"
-
-
-def _weights_key(patcher) -> tuple:
-    objects = tuple(sorted((name, id(value)) for name, value in patcher.object_patches.items()))
-    return id(patcher.model), patcher.patches_uuid, objects
 
 
 def _arch_key(base_model) -> tuple:
@@ -220,11 +174,11 @@ class SigmaRouter:
         resolve_ends(self.boundaries, sigma_scale(_sampling_of(experts[0].model)))  # order errors now
 
     def _classify(self) -> tuple[list[Kind], list[Any]]:
-        first_key = _weights_key(self.experts[0].model)
+        first_key = weights_key(self.experts[0].model)
         by_key: dict[tuple, Any] = {}
         kinds, canonical = [], []
         for expert in self.experts:
-            key = _weights_key(expert.model)
+            key = weights_key(expert.model)
             canonical.append(by_key.setdefault(key, expert.model))
             if expert.model.model is not self.primary_module:
                 kinds.append(Kind.DELEGATE)
@@ -448,13 +402,16 @@ class RoutingRun:
     def encode_conds(self, guider, noise, latent_image, denoise_mask, seed) -> None:
         """Conditioning encoded by each other model class (e.g. the SDXL refiner's own ``y``)."""
         self.conds_by_arch = {_arch_key(self.router.primary_module): guider.conds}
+        raw_conds = self.raw_conds
+        if raw_conds is None:
+            raise RuntimeError("routing: the conditioning was not captured before it was encoded")
         device = guider.model_patcher.load_device
         shapes = compat.packed_latent_shapes(guider.inner_model)
         for patcher, kind in zip(self.router.canonical, self.router.kinds, strict=True):
             key = _arch_key(patcher.model)
             if kind is not Kind.DELEGATE or key in self.conds_by_arch:
                 continue
-            conds = {name: [c.copy() for c in items] for name, items in self.raw_conds.items()}
+            conds = {name: [c.copy() for c in items] for name, items in raw_conds.items()}
             compat.set_latent_shapes(patcher.model, shapes)
             self.conds_by_arch[key] = compat.process_conds(
                 patcher.model, noise, conds, device, latent_image, denoise_mask, seed, shapes
@@ -471,9 +428,9 @@ class RoutingRun:
 class ExpertChoice:
     """Which expert serves each network call of one run, chosen without reading σ from the device.
 
-    ``predict``: from the sampler's reported steps (:func:`~..merging.schedules.call_windows`); where a boundary
-    falls between two reported steps, the schedule point's expert. ``window``: the same, but σ is read for the
-    calls made where a boundary falls between steps. ``exact``: σ is read at every call. Predicted choices are
+    ``predict``: from the sampler's reported steps (:func:`~..merging.sampling.schedules.call_windows`); where a
+    boundary falls between two reported steps, the schedule point's expert. ``window``: the same, but σ is read for
+    the calls made where a boundary falls between steps. ``exact``: σ is read at every call. Predicted choices are
     checked against the calls' real σ once, after the run (:meth:`verdict`).
     """
 
@@ -552,7 +509,7 @@ def _is_loaded(patcher) -> bool:
     """Whether ComfyUI holds ``patcher``'s weights loaded (itself or a clone with the same patches)."""
     for loaded in mm.current_loaded_models:
         other = loaded.model
-        if other is not None and other.model is patcher.model and _weights_key(other) == _weights_key(patcher):
+        if other is not None and other.model is patcher.model and weights_key(other) == weights_key(patcher):
             return True
     return False
 

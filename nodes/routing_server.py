@@ -16,13 +16,13 @@ The answer holds the σ schedule, each expert's end in σ, the expert of every s
 from __future__ import annotations
 
 import logging
-import sys
 
 import comfy.model_sampling
 import comfy.samplers
 
-from ..merging.schedules import Boundary, assign_steps, resolve_ends, step_spans
-from .routing_runtime import parameterisation, remembered_sampling, sigma_scale
+from ..merging.sampling.schedules import Boundary, Unit, assign_steps, resolve_ends, step_spans
+from .common import add_get_route, parameterisation, sigma_scale
+from .routing_runtime import remembered_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _boundaries(ends: str, units: str) -> list[Boundary]:
     names = [u.strip() for u in units.split(",") if u.strip()]
     if len(values) != len(names):
         raise ValueError(f"{len(values)} ends but {len(names)} units")
-    return [Boundary(float(value), name) for value, name in zip(values, names, strict=True)]
+    return [Boundary(float(value), Unit(name)) for value, name in zip(values, names, strict=True)]
 
 
 async def sigmas_route(request):
@@ -104,13 +104,5 @@ async def sigmas_route(request):
 def register_routes() -> bool:
     """Add :data:`ROUTE` to ComfyUI's server when one is running (not in in-process tests); idempotent."""
     global _registered
-    if _registered:
-        return True
-    server = sys.modules.get("server")  # imported by main.py before custom nodes load
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        logger.debug("no PromptServer instance: %s not registered", ROUTE)
-        return False
-    instance.routes.get(ROUTE)(sigmas_route)
-    _registered = True
-    return True
+    _registered = _registered or add_get_route(ROUTE, sigmas_route)
+    return _registered

@@ -28,6 +28,7 @@ import comfy.model_patcher
 import torch
 
 from . import compat
+from .common import weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ExpertWeightSets:
         self.restore()
         if not _can_swap(loaded, expert):
             return False
-        loaded_key, expert_key = _weights_key(loaded), _weights_key(expert)
+        loaded_key, expert_key = weights_key(loaded), weights_key(expert)
         if loaded_key != self._loaded_key:
             self.drop()
             self._loaded_key = loaded_key
@@ -104,7 +105,7 @@ class ExpertWeightSets:
 
     def drop_unless_loaded(self, loaded) -> None:
         """Drop the sets unless ``loaded``'s modules are still fully loaded with its weights (before a run)."""
-        if self._sets and not (_weights_key(loaded) == self._loaded_key and _fully_loaded(loaded)):
+        if self._sets and not (weights_key(loaded) == self._loaded_key and _fully_loaded(loaded)):
             self.drop()
 
     def drop_if_memory_is_short(self, device) -> None:
@@ -150,11 +151,6 @@ class ExpertWeightSets:
             return None
         logger.info("σ routing: keeping a second weight set resident (%d tensors, %.0f MiB)", len(keys), size / 2**20)
         return _WeightSet(parameters, size)
-
-
-def _weights_key(patcher) -> tuple:
-    objects = tuple(sorted((name, id(value)) for name, value in patcher.object_patches.items()))
-    return id(patcher.model), patcher.patches_uuid, objects
 
 
 def _can_swap(loaded, expert) -> bool:

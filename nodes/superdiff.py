@@ -2,7 +2,7 @@
 
 Components (MODEL, positive, optional negative, cfg) are chained node to node as a ``DM_SUPERDIFF_COMPONENTS``
 list. The modular path is Guider + Sampler → SamplerCustomAdvanced (→ Trace); the all-in-one KSampler hides
-both. The loop and guider live in ``superdiff_runtime``; the maths in ``merging.superdiff``.
+both. The loop and guider live in ``superdiff_runtime``; the maths in ``merging.sampling.superdiff``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..merging import superdiff as sd
+from ..merging.sampling import superdiff as sd
 from . import superdiff_runtime as runtime
 from .compat import io
-from .types import CATEGORY
+from .types import CATEGORY, ComponentsType, TraceType
 
 SUPERDIFF_CATEGORY = f"{CATEGORY}/superdiff"
-ComponentsType = io.Custom("DM_SUPERDIFF_COMPONENTS")
-TraceType = io.Custom("DM_SUPERDIFF_TRACE")
 UI_KEY = "superdiff_trace"
 
 
@@ -121,7 +119,7 @@ def _ui(trace: sd.SuperDiffTrace) -> dict:
 # -- nodes ------------------------------------------------------------------------------------------
 
 
-class SuperDiffComponent(io.ComfyNode):
+class SuperDiffComponentNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -165,7 +163,7 @@ class SuperDiffComponent(io.ComfyNode):
         return io.NodeOutput(runtime.append_component(components, component))
 
 
-class SuperDiffGuider(io.ComfyNode):
+class SuperDiffGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -184,7 +182,7 @@ class SuperDiffGuider(io.ComfyNode):
         return io.NodeOutput(runtime.SuperDiffGuider(tuple(components or ())))
 
 
-class SuperDiffSampler(io.ComfyNode):
+class SuperDiffSamplerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -204,7 +202,7 @@ class SuperDiffSampler(io.ComfyNode):
         return io.NodeOutput(runtime.SuperDiffSampler(settings))
 
 
-class SuperDiffKSampler(io.ComfyNode):
+class SuperDiffKSamplerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -307,7 +305,7 @@ def _sample(guider, sampler, latent, seed: int, steps: int, scheduler: str, deno
     return out
 
 
-class SuperDiffTrace(io.ComfyNode):
+class SuperDiffTraceNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -333,4 +331,4 @@ class SuperDiffTrace(io.ComfyNode):
         return io.NodeOutput(trace, ui=_ui(trace))
 
 
-NODES = [SuperDiffComponent, SuperDiffGuider, SuperDiffSampler, SuperDiffKSampler, SuperDiffTrace]
+NODES = [SuperDiffComponentNode, SuperDiffGuiderNode, SuperDiffSamplerNode, SuperDiffKSamplerNode, SuperDiffTraceNode]

@@ -1,7 +1,7 @@
 """SuperDiff inside ComfyUI: the component chain, the N-model guider and the reverse-SDE sampler loop.
 
-The maths lives in ``merging.superdiff``; this module only connects it to ComfyUI's sampling path
-(``comfyui-internals.md`` §C):
+The maths lives in ``merging.sampling.superdiff``; this module only connects it to ComfyUI's sampling path
+(``CFGGuider`` → ``KSAMPLER`` → model):
 
 - :class:`SuperDiffGuider` (a ``CFGGuider``) holds N components (MODEL, positive, optional negative, cfg).
   Components are grouped by MODEL; every conditioning of one group is evaluated in ONE
@@ -11,7 +11,7 @@ The maths lives in ``merging.superdiff``; this module only connects it to ComfyU
   processed conditioning and model options.
 - :class:`SuperDiffSampler` (a ``KSAMPLER``) runs :func:`sample_superdiff`, which owns the loop: it asks the
   guider for every component's denoised prediction, draws the step's noise from the seed *before* κ, and
-  applies ``merging.superdiff.superdiff_step``; it calls ``callback`` every step (previews, progress) and
+  applies ``merging.sampling.superdiff.superdiff_step``; it calls ``callback`` every step (previews, progress) and
   stops when the user cancels.
 - The run's κ and log-density traces are kept on the guider, keyed by a fingerprint of the latent the run
   returned, so the Trace node can find them after ``SamplerCustomAdvanced``.
@@ -36,8 +36,9 @@ import comfy.samplers
 import node_helpers
 import torch
 
-from ..merging import superdiff as sd
+from ..merging.sampling import superdiff as sd
 from . import compat
+from .common import model_family, weights_key
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +83,16 @@ def sampling_kind(model_sampling) -> str:
     )
 
 
-def _family(patcher) -> str:
-    return type(patcher.model.model_config).__name__
-
-
 def _latent_format(patcher) -> str:
     return type(patcher.get_model_object("latent_format")).__name__
 
 
-def _weights_key(patcher) -> tuple:
-    objects = tuple(sorted((name, id(value)) for name, value in patcher.object_patches.items()))
-    return id(patcher.model), patcher.patches_uuid, objects
+def _every(tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The per-component predictions, every one of which a model group has filled in."""
+    missing = [index + 1 for index, tensor in enumerate(tensors) if tensor is None]
+    if missing:
+        raise RuntimeError(f"no prediction for SuperDiff component(s) {missing}")
+    return [tensor for tensor in tensors if tensor is not None]
 
 
 def check_components(components: tuple[Component, ...]) -> str:
@@ -114,8 +114,8 @@ def check_components(components: tuple[Component, ...]) -> str:
             )
         if _latent_format(model) != _latent_format(first):
             raise ValueError(
-                f"component {number} ({_family(model)}) has latent format {_latent_format(model)} but component 1 "
-                f"({_family(first)}) has {_latent_format(first)}: SuperDiff mixes scores in one latent space — "
+                f"component {number} ({model_family(model)}) has latent format {_latent_format(model)} but component 1 "
+                f"({model_family(first)}) has {_latent_format(first)}: SuperDiff mixes scores in one latent space — "
                 "use models of one family"
             )
         this_kind = sampling_kind(model.get_model_object("model_sampling"))
@@ -126,13 +126,14 @@ def check_components(components: tuple[Component, ...]) -> str:
             )
         kind = this_kind
     _check_shared_modules(components)
+    assert kind is not None  # set by the first component
     return kind
 
 
 def _check_shared_modules(components: tuple[Component, ...]) -> None:
     seen: dict[int, tuple[int, tuple]] = {}
     for number, component in enumerate(components, start=1):
-        key = _weights_key(component.model)
+        key = weights_key(component.model)
         first_number, first_key = seen.setdefault(key[0], (number, key))
         if first_key != key:
             raise ValueError(
@@ -302,16 +303,21 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
             predictions = comfy.samplers.calc_cond_batch(base_model, conds, x, timestep, options)
             outputs = dict(zip(group.cond_names, predictions, strict=True))
             for index in group.members:
-                positives[index] = outputs[self.names[index][0]]
-                others[index] = (
-                    outputs[self.names[index][1]]
-                    if together
-                    else self._guided(index, outputs, base_model, x, timestep, options, processed)
-                )
-        positive = torch.stack(positives)
+                positive_name, negative_name = self.names[index]
+                positives[index] = outputs[positive_name]
+                if not together:
+                    others[index] = self._guided(index, outputs, base_model, x, timestep, options, processed)
+                elif negative_name is None:  # `together` means every component has a negative
+                    raise RuntimeError(f"SuperDiff component {index + 1} has no negative to guide with")
+                else:
+                    others[index] = outputs[negative_name]
+        positive = torch.stack(_every(positives))
         if not together:
-            return positive, torch.stack(others)
-        negative = others[0] if all(other is others[0] for other in others) else torch.stack(others)
+            return positive, torch.stack(_every(others))
+        first = others[0]
+        negative = (
+            first if first is not None and all(other is first for other in others) else torch.stack(_every(others))
+        )
         return positive, negative + (positive - negative) * self._cfg_scales(positive)  # CFG, as cfg_function
 
     def _cfg_scales(self, like: torch.Tensor) -> float | torch.Tensor:
@@ -348,7 +354,7 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
         self._pending_trace = trace
 
     def _remember(self, output: torch.Tensor, trace: sd.SuperDiffTrace) -> None:
-        key = sd.fingerprint(output)
+        key = sd.latent_fingerprint(output)
         self.traces[key] = trace
         self.traces.move_to_end(key)
         while len(self.traces) > _REMEMBERED_TRACES:
@@ -357,7 +363,7 @@ class SuperDiffGuider(comfy.samplers.CFGGuider):
 
     def trace_for(self, samples: torch.Tensor) -> sd.SuperDiffTrace:
         """The trace of the run that returned ``samples`` (a LATENT's samples), or a ValueError saying why not."""
-        trace = self.traces.get(sd.fingerprint(samples))
+        trace = self.traces.get(sd.latent_fingerprint(samples))
         if trace is None:
             raise ValueError(
                 "this latent was not sampled with this SuperDiff guider (or was changed afterwards): connect the "

@@ -12,6 +12,7 @@ from ..merging.channel_projection import is_companion_file
 from ..merging.task_vector_files import load_task_vector, save_task_vector, task_vector_from_files
 from ..merging.task_vectors import TaskVector, extract_task_vector, summarize
 from . import comfy_bridge as bridge
+from .common import hidden_input
 from .compat import io, ui
 from .types import (
     CATEGORY,
@@ -38,7 +39,7 @@ def _tv_input(name: str = "task_vector", tooltip: str = "A task vector.") -> io.
     return TaskVectorType.Input(name, tooltip=tooltip)
 
 
-class TaskVectorFromModels(io.ComfyNode):
+class TaskVectorFromModelsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -90,7 +91,7 @@ class TaskVectorFromModels(io.ComfyNode):
         return io.NodeOutput(vector)
 
 
-class TaskVectorFromFiles(io.ComfyNode):
+class TaskVectorFromFilesNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         files = bridge.safetensors_choices(*MODEL_FILE_FOLDERS)
@@ -128,7 +129,7 @@ class TaskVectorFromFiles(io.ComfyNode):
         return io.NodeOutput(vector)
 
 
-class TaskVectorFromLoRA(io.ComfyNode):
+class TaskVectorFromLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -164,7 +165,7 @@ class TaskVectorFromLoRA(io.ComfyNode):
         return io.NodeOutput(bridge.lora_task_vector(path, model, clip))
 
 
-class TaskVectorLoad(io.ComfyNode):
+class TaskVectorLoadNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -194,7 +195,7 @@ class TaskVectorLoad(io.ComfyNode):
         return io.NodeOutput(load_task_vector(path, nonfinite=nonfinite_policy(nonfinite)))
 
 
-class TaskVectorSave(io.ComfyNode):
+class TaskVectorSaveNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -231,7 +232,7 @@ class TaskVectorSave(io.ComfyNode):
     ):
         path = bridge.output_path(filename_prefix, default_folder=bridge.TASK_VECTOR_FOLDER)
         metadata = {"dm_version": merging.__version__}
-        prompt = getattr(cls.hidden, "prompt", None)  # hidden is unset when called outside a prompt
+        prompt = hidden_input(cls, "prompt")
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         save_task_vector(
@@ -247,7 +248,7 @@ class TaskVectorSave(io.ComfyNode):
         return io.NodeOutput(ui={"text": [f"saved {len(task_vector)} keys to output/{relative.as_posix()}"]})
 
 
-class TaskVectorScale(io.ComfyNode):
+class TaskVectorScaleNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -274,7 +275,7 @@ class TaskVectorScale(io.ComfyNode):
         return io.NodeOutput(task_vector.scale(factor))
 
 
-class TaskVectorAdd(io.ComfyNode):
+class TaskVectorAddNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -291,7 +292,7 @@ class TaskVectorAdd(io.ComfyNode):
         return io.NodeOutput(a + b)
 
 
-class TaskVectorSubtract(io.ComfyNode):
+class TaskVectorSubtractNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -311,7 +312,7 @@ class TaskVectorSubtract(io.ComfyNode):
         return io.NodeOutput(a - b)
 
 
-class TaskVectorNegate(io.ComfyNode):
+class TaskVectorNegateNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -328,7 +329,7 @@ class TaskVectorNegate(io.ComfyNode):
         return io.NodeOutput(-task_vector)
 
 
-class TaskVectorApply(io.ComfyNode):
+class TaskVectorApplyNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -368,7 +369,7 @@ class TaskVectorApply(io.ComfyNode):
         return io.NodeOutput(patched, patched_clip)
 
 
-class TaskVectorInfo(io.ComfyNode):
+class TaskVectorInfoNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -400,15 +401,15 @@ def format_summary(summary: dict, top_blocks: int = 12) -> str:
 
 
 NODES = [
-    TaskVectorFromModels,
-    TaskVectorFromFiles,
-    TaskVectorFromLoRA,
-    TaskVectorLoad,
-    TaskVectorSave,
-    TaskVectorScale,
-    TaskVectorAdd,
-    TaskVectorSubtract,
-    TaskVectorNegate,
-    TaskVectorApply,
-    TaskVectorInfo,
+    TaskVectorFromModelsNode,
+    TaskVectorFromFilesNode,
+    TaskVectorFromLoRANode,
+    TaskVectorLoadNode,
+    TaskVectorSaveNode,
+    TaskVectorScaleNode,
+    TaskVectorAddNode,
+    TaskVectorSubtractNode,
+    TaskVectorNegateNode,
+    TaskVectorApplyNode,
+    TaskVectorInfoNode,
 ]

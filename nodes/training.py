@@ -1,6 +1,6 @@
 """Training nodes: DeMe range-expert LoRAs with CLTS and MDLRC options, and saving them with their projections.
 
-The schedules' maths lives in ``merging.training_schedules`` and ``merging.channel_projection``; the loop
+The schedules' maths lives in ``merging.training.schedules`` and ``merging.channel_projection``; the loop
 and its ComfyUI plumbing in ``training_runtime``.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from .. import merging
 from ..merging.channel_projection import companion_path, save_projections
 from ..merging.io import check_storable, write_safetensors
-from ..merging.schedules import UNITS
-from ..merging.training_schedules import (
+from ..merging.sampling.schedules import UNITS
+from ..merging.training.schedules import (
     MOMENTUM_SCHEDULES,
     MomentumDecay,
     TimestepCurriculum,
@@ -22,21 +22,13 @@ from ..merging.training_schedules import (
 )
 from . import comfy_bridge as bridge
 from . import training_runtime as runtime
+from .common import hidden_input, sigma_scale
 from .compat import io, ui
-from .routing_runtime import sigma_scale
 from .training_plots import loss_panel, momentum_panel, sigma_histogram_panel, stacked, to_image_batch
-from .types import CATEGORY, overflow_input
+from .types import CATEGORY, ChannelProjectionType, CurriculumType, MomentumDecayType, overflow_input
 
 TRAINING_CATEGORY = f"{CATEGORY}/training"
 LORA_FOLDER = "loras"
-CurriculumType = io.Custom("DM_TIMESTEP_CURRICULUM")
-MomentumDecayType = io.Custom("DM_MOMENTUM_DECAY")
-ChannelProjectionType = io.Custom("DM_CHANNEL_PROJECTION")
-
-
-def _hidden(cls, name: str):
-    hidden = getattr(cls, "hidden", None)  # unset when called outside a prompt
-    return getattr(hidden, name, None)
 
 
 # -- inputs of the trainer -------------------------------------------------------------------------
@@ -197,7 +189,7 @@ def _optimisation_inputs() -> list[io.Input]:
     ]
 
 
-class TrainRangeExpertLoRA(io.ComfyNode):
+class TrainRangeExpertLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -303,10 +295,10 @@ class TrainRangeExpertLoRA(io.ComfyNode):
             channel_projection=channel_projection,
             momentum=momentum_decay,
         )
-        result = runtime.train_range_expert(model, latents, positive, settings, _hidden(cls, "unique_id"))
+        result = runtime.train_range_expert(model, latents, positive, settings, hidden_input(cls, "unique_id"))
         histogram = sigma_histogram_panel(result.log, timesteps, steps)
         panels = [loss_panel(result.log), histogram, *([momentum_panel(result.log)] if momentum_decay else [])]
-        preview = ui.PreviewImage(to_image_batch(stacked(panels)), cls=cls if _hidden(cls, "prompt") else None)
+        preview = ui.PreviewImage(to_image_batch(stacked(panels)), cls=cls if hidden_input(cls, "prompt") else None)
         return io.NodeOutput(
             result.model,
             result.lora,
@@ -429,7 +421,7 @@ class MomentumDecayNode(io.ComfyNode):
         return io.NodeOutput(MomentumDecay(schedule, float(beta1_start), float(beta1_floor), bool(compensate_lr)))
 
 
-class SaveRangeExpertLoRA(io.ComfyNode):
+class SaveRangeExpertLoRANode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -465,7 +457,7 @@ class SaveRangeExpertLoRA(io.ComfyNode):
             raise ValueError("the LoRA is empty: connect the trainer's lora output")
         path = bridge.output_path(filename_prefix, default_folder=LORA_FOLDER)
         metadata = {"dm_version": merging.__version__}
-        prompt = _hidden(cls, "prompt")
+        prompt = hidden_input(cls, "prompt")
         if prompt is not None:
             metadata["prompt"] = json.dumps(prompt)
         tensors = {key: value.detach().cpu().contiguous() for key, value in lora.items()}
@@ -481,4 +473,4 @@ class SaveRangeExpertLoRA(io.ComfyNode):
         return io.NodeOutput(ui={"text": [f"saved {names}"]})
 
 
-NODES = [TrainRangeExpertLoRA, TimestepCurriculumNode, MomentumDecayNode, SaveRangeExpertLoRA]
+NODES = [TrainRangeExpertLoRANode, TimestepCurriculumNode, MomentumDecayNode, SaveRangeExpertLoRANode]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..merging.training_schedules import TimestepSampler, training_progress
+from ..merging.training.schedules import TimestepSampler, training_progress
 from .training_runtime import TrainingLog
 
 WIDTH, PANEL_HEIGHT = 640, 220

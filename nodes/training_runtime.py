@@ -1,13 +1,13 @@
-"""Training a range-expert LoRA inside ComfyUI: the glue around ``merging.training_schedules``.
+"""Training a range-expert LoRA inside ComfyUI: the glue around ``merging.training.schedules``.
 
-How it uses ComfyUI (comfyui-internals.md §D; re-implemented from the description, nothing copied):
+How it uses ComfyUI (re-implemented from ComfyUI's interfaces, nothing copied; docs/architecture.md):
 
 - **Adapters** (``training_adapters``). A clone of the MODEL gets ComfyUI's trainable adapters as weight
   wrappers; their parameters are ComfyUI's LoRA dict, which the stock loaders and ``SaveLoRANode`` understand.
   The output MODEL is the input with that dict loaded the way the stock loaders load it.
 - **Loop.** A ``comfy.samplers.Sampler`` run by a ``Guider_Basic``: ComfyUI prepares the conditioning, loads
   the model with its patches and wrappers, and hands the sampler the latents in model space. The sampler
-  draws normalised times from the :class:`~..merging.training_schedules.TimestepSampler`, maps them to σ with
+  draws normalised times from the :class:`~..merging.training.schedules.TimestepSampler`, maps them to σ with
   the model's own (possibly shifted) ``model_sampling``, noises with its ``noise_scaling`` and asks the guider
   for the denoised prediction.
 - **Frozen base.** The consistency loss compares with the base's prediction: the same network with every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,15 +37,20 @@ import tqdm
 from comfy.weight_adapter import adapter_maps
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-from ..merging.training_schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
+from ..merging.training.schedules import MomentumDecay, TimestepSampler, range_quantile, training_progress
 from . import compat
 from . import projection as projection_patches
-from .routing_runtime import sigma_scale
+from .common import sigma_scale
 from .training_adapters import AdapterSwitch, attach_adapters, frozen_parameters, gradient_checkpointing
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 ADAM_OPTIMIZERS = ("AdamW", "Adam")
-LOSS_FUNCTIONS = {"MSE": F.mse_loss, "L1": F.l1_loss, "Huber": F.huber_loss, "SmoothL1": F.smooth_l1_loss}
+LOSS_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "MSE": F.mse_loss,
+    "L1": F.l1_loss,
+    "Huber": F.huber_loss,
+    "SmoothL1": F.smooth_l1_loss,
+}
 LOSS_SPACES = ("x0", "eps/v")
 ALGORITHMS = tuple(adapter_maps)
 TRAINING_DTYPES = ("bf16", "fp32")  # no fp16: it would need loss scaling
@@ -299,7 +305,7 @@ class RangeExpertTrainer:
         started = time.perf_counter()
         tau = training_progress(step, settings.steps)
         self._schedule(optimizer, tau)
-        totals = None  # (total, range, consistency) summed on the device, read once per optimiser step
+        totals: torch.Tensor | None = None  # (total, range, consistency) summed on the device, read once per step
         for _ in range(settings.grad_accumulation):
             progress.check()
             indices = order.next(settings.batch_size)
@@ -318,6 +324,7 @@ class RangeExpertTrainer:
             torch.nn.utils.clip_grad_norm_(self._parameters(), settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        assert totals is not None  # grad_accumulation ≥ 1
         total, range_loss, consistency = (totals / settings.grad_accumulation).tolist()  # waits for the step
         self.log.loss.append(total)
         self.log.range_loss.append(range_loss)
@@ -411,10 +418,10 @@ class RangeExpertTrainer:
         settings, params = self.settings, self._parameters()
         if settings.optimizer in ADAM_OPTIMIZERS:
             beta1 = settings.momentum.beta1_start if settings.momentum is not None else 0.9
-            cls = torch.optim.AdamW if settings.optimizer == "AdamW" else torch.optim.Adam
-            return cls(params, lr=settings.learning_rate, betas=(beta1, ADAM_BETA2))
-        cls = torch.optim.SGD if settings.optimizer == "SGD" else torch.optim.RMSprop
-        return cls(params, lr=settings.learning_rate)
+            adam = torch.optim.AdamW if settings.optimizer == "AdamW" else torch.optim.Adam
+            return adam(params, lr=settings.learning_rate, betas=(beta1, ADAM_BETA2))
+        other = torch.optim.SGD if settings.optimizer == "SGD" else torch.optim.RMSprop
+        return other(params, lr=settings.learning_rate)
 
     def _schedule(self, optimizer: torch.optim.Optimizer, progress: float) -> None:
         """Set this step's β₁ and learning rate (MDLRC) and log them."""
@@ -431,7 +438,10 @@ class RangeExpertTrainer:
 
     def _create_projections(self, guider, extra_args, conds) -> None:
         """Identity projections sized by one probing forward pass (channel counts per block)."""
-        self.projection.probed_channels = {}
+        projection = self.projection
+        if projection is None:
+            raise RuntimeError("training: channel projections were asked for but none were set up")
+        projection.probed_channels = {}
         first = torch.zeros(1, dtype=torch.long)
         guider.conds["positive"] = select_rows(conds, first, self.latents.shape[0])
         latent = self.latents[first]
@@ -439,10 +449,10 @@ class RangeExpertTrainer:
         try:
             with torch.no_grad():
                 guider(latent, sigma, **extra_args)
-            channels = self.projection.probed_channels
+            channels = projection.probed_channels
         finally:
-            self.projection.probed_channels = None
-        self.projection.weights = {
+            projection.probed_channels = None
+        projection.weights = {
             block: torch.nn.Parameter(torch.eye(count, dtype=torch.float32, device=latent.device))
             for block, count in channels.items()
         }

@@ -3,6 +3,13 @@
 from .compat import io
 
 TaskVectorType = io.Custom("DM_TASK_VECTOR")
+TaskVectorStackType = io.Custom("DM_TASK_VECTOR_STACK")
+ExpertListType = io.Custom("DM_EXPERT_LIST")
+ComponentsType = io.Custom("DM_SUPERDIFF_COMPONENTS")  # a SuperDiff component chain
+TraceType = io.Custom("DM_SUPERDIFF_TRACE")
+CurriculumType = io.Custom("DM_TIMESTEP_CURRICULUM")
+MomentumDecayType = io.Custom("DM_MOMENTUM_DECAY")
+ChannelProjectionType = io.Custom("DM_CHANNEL_PROJECTION")
 
 CATEGORY = "diffusion_merge"
 NONFINITE_CHOICES = ["error", "skip key"]

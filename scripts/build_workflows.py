@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import comfy_in_process
-from comfy_server import find_comfyui
+from comfy_in_process import find_comfyui
 from workflow_definitions import WORKFLOWS
 from workflow_graph import Graph, render
 from workflows import needs_demo_models, workflow_to_prompt

@@ -19,34 +19,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from comfy_in_process import find_comfyui as find_comfyui  # re-exported: scripts import it from here
+
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER_NAME = "diffusion-merge"
-SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first (0.3.64 last)
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "loras")  # under <work>/models, searched after ComfyUI's own
 
 
 class ServerError(RuntimeError):
     """The server did not start, died, refused a request, or a prompt did not finish in time."""
-
-
-def find_comfyui(pack_root: Path = PACK_ROOT) -> tuple[Path, bool]:
-    """(ComfyUI root, whether the pack is installed in its custom_nodes): ``$COMFYUI_PATH``, the
-    grandparent when the pack sits in ``ComfyUI/custom_nodes/``, else the newest snapshot in ``../shared``."""
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]))
-    if pack_root.parent.name == "custom_nodes":
-        candidates.append(pack_root.parent.parent)
-    candidates += [pack_root.parent / "shared" / name for name in SNAPSHOTS]
-    for root in candidates:
-        if (root / "main.py").is_file():
-            return root.resolve(), is_installed_in(root, pack_root)
-    raise ServerError(f"ComfyUI not found (tried {', '.join(map(str, candidates))}); set COMFYUI_PATH")
-
-
-def is_installed_in(comfyui: Path, pack_root: Path = PACK_ROOT) -> bool:
-    """Whether ComfyUI loads the pack by itself (the pack is a folder of ``<comfyui>/custom_nodes``)."""
-    return pack_root.resolve().parent == (comfyui / "custom_nodes").resolve()
 
 
 def free_port() -> int:

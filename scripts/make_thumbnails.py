@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from comfy_server import ComfyServer, find_comfyui
+from comfy_in_process import find_comfyui
+from comfy_server import ComfyServer
 from PIL import Image, ImageDraw, ImageFont
 from run_examples import Result, run_workflow
 

@@ -26,7 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from comfy_server import ComfyServer, ServerError, execution_error, find_comfyui, is_installed_in, port_is_free
+from comfy_in_process import ComfyUINotFound, find_comfyui, is_installed_in
+from comfy_server import ComfyServer, ServerError, execution_error, port_is_free
 from workflows import WorkflowError, needs_demo_models, use_demo_models, workflow_to_prompt
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally` (stop ComfyUI) on kill too
     try:
         server = start_server(options)
-    except ServerError as error:
+    except (ServerError, ComfyUINotFound) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:

@@ -2,7 +2,7 @@
 # Create (or reuse) the virtual environment for one ComfyUI: its requirements pinned to the versions CI uses
 # (../shared/ci/comfyui-<version>-constraints.txt when there is one for that release), torch 2.14.1 (pip takes
 # it from the machine's local wheels where it has them, else the CUDA build from PyPI, several GB), plus pytest,
-# ruff and playwright. Sourced by test.sh and demo.sh.
+# ruff, mypy (pinned here: the CI constraints do not list it) and playwright. Sourced by test.sh and demo.sh.
 #
 # In:  COMFYUI_PATH  the ComfyUI checkout (default: the one this pack sits in as custom_nodes/<pack>, else the
 #                    newest snapshot beside the project, ../shared/ComfyUI-0.33.0)
@@ -30,7 +30,7 @@ COMFYUI_VERSION="${COMFYUI_VERSION:-unknown}"
 export COMFYUI_PATH COMFYUI_VERSION
 
 CONSTRAINTS="$SHARED/ci/comfyui-$COMFYUI_VERSION-constraints.txt"
-packages=(torch==2.14.1 torchvision==0.29.1 -r "$COMFYUI_PATH/requirements.txt" requests pytest ruff playwright)
+packages=(torch==2.14.1 torchvision==0.29.1 -r "$COMFYUI_PATH/requirements.txt" requests pytest ruff mypy==2.4.1 playwright)
 constraint_args=()
 [[ -f "$CONSTRAINTS" ]] && constraint_args=(-c "$CONSTRAINTS")
 stamp="$(cat "$COMFYUI_PATH/requirements.txt" "$CONSTRAINTS" 2>/dev/null | sha256sum | cut -c1-16)-${packages[*]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: for every ComfyUI the pack supports, set up its venv if needed, then lint, format check,
+# The test command: for every ComfyUI the pack supports, set up its venv if needed, then lint, format check, type check,
 # the example-workflow check and the whole test suite (unit, integration against ComfyUI in process, e2e
 # against a real ComfyUI server and in its frontend in headless Chromium).
 #
@@ -54,15 +54,29 @@ if (( ${#targets[@]} > 1 )); then  # make the missing venvs side by side (mostly
 fi
 export OMP_NUM_THREADS=1 PYTHONDONTWRITEBYTECODE=1
 
+# mypy checks merging/ and nodes/ as the package `diffusion_merge` (a link to the pack, whatever its folder is
+# called, so the relative imports resolve); settings in pyproject.toml.
+typecheck() {
+    local root
+    root="$(mktemp -d)"
+    ln -s "$PACK_ROOT" "$root/diffusion_merge"
+    local status=0
+    (cd "$root" && "$1/bin/mypy" --config-file "$PACK_ROOT/pyproject.toml" -p diffusion_merge.merging -p diffusion_merge.nodes) ||
+        status=$?
+    rm -rf "$root"
+    return $status
+}
+
 linted=""
 for target in "${targets[@]}"; do
     (
         export COMFYUI_PATH="$target"
         source scripts/setup_venv.sh
         echo "=== ComfyUI $COMFYUI_VERSION ($COMFYUI_PATH) with $VENV"
-        if [[ -z "$linted" ]]; then  # ruff is pinned to the same release for every ComfyUI: once is enough
+        if [[ -z "$linted" ]]; then  # ruff and mypy are pinned to the same release for every ComfyUI: once is enough
             "$VENV/bin/ruff" check .
             "$VENV/bin/ruff" format --check .
+            typecheck "$VENV"
         fi
         "$VENV/bin/python" scripts/build_workflows.py --check  # shipped example workflows match the node definitions
         "$VENV/bin/python" -m pytest "$@"

@@ -1,11 +1,12 @@
-"""Shared test set-up: find ComfyUI, import the pack under a fixed name, and build tiny models.
+"""Shared test set-up: import the pack under a fixed name, find and boot ComfyUI where a test needs it, build
+tiny models.
 
-ComfyUI is found through ``COMFYUI_PATH``, else the grandparent of the pack root when the pack sits in
-``ComfyUI/custom_nodes/<pack>``, else the newest snapshot in ``../shared`` (``ComfyUI-0.33.0``, then
-``ComfyUI`` = 0.3.64); the run fails (never skips) without it.
 The pack is imported as the package ``diffusion_merge`` whatever its folder is called. Unit tests use only
-``diffusion_merge.merging`` and never put ComfyUI on ``sys.path``; the ``comfyui`` fixture boots ComfyUI in
-process for integration tests, with every folder ComfyUI writes redirected into a temporary directory.
+``diffusion_merge.merging`` and run without any ComfyUI checkout. Integration and e2e tests find ComfyUI through
+``scripts/comfy_in_process.py`` (``COMFYUI_PATH``, else the grandparent of the pack root when the pack sits in
+``ComfyUI/custom_nodes/<pack>``, else the newest snapshot in ``../shared``); they fail (never skip) without it.
+The ``comfyui`` fixture boots ComfyUI in process for integration tests, with every folder ComfyUI writes
+redirected into a temporary directory.
 """
 
 from __future__ import annotations
@@ -16,55 +17,61 @@ import os
 import shutil
 import sys
 import tempfile
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "diffusion_merge"
-SNAPSHOTS = ("ComfyUI-0.33.0", "ComfyUI")  # ComfyUI checkouts beside the project, newest first
+MODEL_FOLDERS = ("checkpoints", "loras", "diffusion_models", "task_vectors")
 
 
-def find_comfyui() -> tuple[Path, bool]:
-    """(ComfyUI root, whether the pack is installed inside it as a custom node)."""
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append((Path(os.environ["COMFYUI_PATH"]), False))
-    if PACK_ROOT.parent.name == "custom_nodes":
-        candidates.append((PACK_ROOT.parent.parent, True))
-    candidates += [(PACK_ROOT.parent / "shared" / name, False) for name in SNAPSHOTS]
-    for root, installed in candidates:
-        if (root / "main.py").is_file() and (root / "comfy").is_dir():
-            return root.resolve(), installed
-    tried = ", ".join(str(root) for root, _ in candidates)
-    raise pytest.UsageError(f"ComfyUI not found (tried {tried}); set COMFYUI_PATH to a ComfyUI checkout")
+def _load_comfy_in_process() -> ModuleType:
+    """``scripts/comfy_in_process.py``: the one ``find_comfyui`` and boot helper (imports no ComfyUI)."""
+    name = "dm_scripts_comfy_in_process"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "scripts" / "comfy_in_process.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-def import_pack():
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(
-        PACKAGE, PACK_ROOT / "__init__.py", submodule_search_locations=[str(PACK_ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-COMFYUI_PATH, PACK_INSTALLED_IN_COMFYUI = find_comfyui()
+comfy_in_process = _load_comfy_in_process()
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
 sys.dont_write_bytecode = True
-import_pack()
+comfy_in_process.import_pack()
+
+
+@cache
+def find_comfyui() -> tuple[Path, bool]:
+    """(ComfyUI root, whether the pack is installed inside it as a custom node); a usage error without one."""
+    try:
+        return comfy_in_process.find_comfyui(PACK_ROOT)
+    except comfy_in_process.ComfyUINotFound as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def _installed_comfyui() -> Path | None:
+    """The ComfyUI the tests would use, or None where there is none (unit tests only)."""
+    try:
+        return find_comfyui()[0]
+    except pytest.UsageError:
+        return None
 
 
 # -- the ComfyUI checkout stays pristine ------------------------------------------------------------
 
 
 def _comfyui_tree_state() -> dict[str, float]:
-    """Path → mtime of everything in the ComfyUI checkout except the pack's own folder."""
-    state = {}
-    for folder, dirs, files in os.walk(COMFYUI_PATH):
+    """Path → mtime of everything in the ComfyUI checkout except the pack's own folder (empty without one)."""
+    root = _installed_comfyui()
+    state: dict[str, float] = {}
+    if root is None:
+        return state
+    for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if Path(folder, d).resolve() != PACK_ROOT]
         for name in files + dirs:
             path = os.path.join(folder, name)
@@ -83,7 +90,7 @@ def pytest_sessionfinish(session, exitstatus):
     if changed:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         listed = ", ".join(sorted(changed)[:5])
-        print(f"\nFAILED: the tests wrote into the ComfyUI checkout at {COMFYUI_PATH}: {listed}")
+        print(f"\nFAILED: the tests wrote into the ComfyUI checkout at {_installed_comfyui()}: {listed}")
 
 
 _TREE_KEY = pytest.StashKey[dict]()
@@ -104,33 +111,24 @@ def boot_comfyui() -> Path:
     global _comfy_work_dir
     if _comfy_work_dir is not None:
         return _comfy_work_dir
+    comfyui, _ = find_comfyui()
     work = Path(tempfile.mkdtemp(prefix="dm-comfy-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
-    if str(COMFYUI_PATH) not in sys.path:
-        sys.path.insert(0, str(COMFYUI_PATH))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    import folder_paths
-    import utils.extra_config  # noqa: F401  (before `nodes`, as main.py does: `nodes` shadows `utils`)
-
-    for name in ("output", "input", "temp", "user"):
-        (work / name).mkdir()
-    folder_paths.set_output_directory(str(work / "output"))
-    folder_paths.set_input_directory(str(work / "input"))
-    folder_paths.set_temp_directory(str(work / "temp"))
-    folder_paths.set_user_directory(str(work / "user"))
-    for folder in ("checkpoints", "loras", "diffusion_models", "task_vectors"):
-        (work / "models" / folder).mkdir(parents=True)
-        folder_paths.add_model_folder_path(folder, str(work / "models" / folder), is_default=True)
+    comfy_in_process.boot(comfyui, work, cpu=True, model_folders=MODEL_FOLDERS)
     _comfy_work_dir = work
     return work
+
+
+@pytest.fixture(scope="session", name="comfy_in_process")
+def comfy_in_process_module() -> ModuleType:
+    """``scripts/comfy_in_process.py``: ``find_comfyui``, ``boot``, ``import_pack``, ``register_pack``."""
+    return comfy_in_process
 
 
 @pytest.fixture(scope="session")
 def comfyui_install() -> tuple[Path, bool]:
     """(ComfyUI root, whether this pack sits in its custom_nodes folder and is loaded by it already)."""
-    return COMFYUI_PATH, PACK_INSTALLED_IN_COMFYUI
+    return find_comfyui()
 
 
 def pytest_collectstart(collector):
@@ -151,20 +149,8 @@ def comfyui():
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    register_pack_nodes(nodes)
+    comfy_in_process.register_pack(nodes)
     yield work
-
-
-def register_pack_nodes(nodes_module) -> None:
-    """Register the pack's V3 nodes the way ComfyUI's custom-node loader does."""
-    import asyncio
-
-    pack = sys.modules[PACKAGE]
-    extension = asyncio.run(pack.comfy_entrypoint())
-    for node_cls in asyncio.run(extension.get_node_list()):
-        schema = node_cls.GET_SCHEMA()
-        nodes_module.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls
-        nodes_module.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,13 @@ STARTUP_TIMEOUT_S = 120.0
 
 
 def load_script(name: str) -> ModuleType:
-    """Import ``scripts/<name>.py`` (scripts are not a package) as ``dm_scripts_<name>``."""
+    """Import ``scripts/<name>.py`` (scripts are not a package) as ``dm_scripts_<name>``; ``scripts/`` goes on
+    ``sys.path`` so the scripts import each other as they do when run."""
     module_name = f"dm_scripts_{name}"
     if module_name in sys.modules:
         return sys.modules[module_name]
+    if str(PACK_ROOT / "scripts") not in sys.path:
+        sys.path.append(str(PACK_ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(module_name, PACK_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

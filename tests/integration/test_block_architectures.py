@@ -250,14 +250,14 @@ def test_each_block_rule_matches_exactly_its_group(built):
 def test_model_blocks_node_lists_the_groups_and_their_sizes(tiny_sd15, tiny_flux):
     import json
 
-    from diffusion_merge.nodes.blocks import ModelBlocks
+    from diffusion_merge.nodes.blocks import ModelBlocksNode
 
     for build, arch, names in (
         (tiny_sd15, "sd1", ["embed", "IN00", "IN01", "OUT00", "OUT01", "final"]),
         (tiny_flux, "flux", ["embed", "D00", "S00", "final"]),
     ):
         model = build()
-        output = ModelBlocks.execute(model)
+        output = ModelBlocksNode.execute(model)
         summary = json.loads(output.result[0])
         assert summary["architecture"] == arch and list(summary["groups"]) == names and not summary["ungrouped"]
         total = sum(p.numel() for p in model.model.diffusion_model.parameters())
@@ -267,7 +267,7 @@ def test_model_blocks_node_lists_the_groups_and_their_sizes(tiny_sd15, tiny_flux
 
 
 def test_model_blocks_node_names_what_it_found_in_an_unknown_model(tiny_sd15):
-    from diffusion_merge.nodes.blocks import ModelBlocks
+    from diffusion_merge.nodes.blocks import ModelBlocksNode
 
     model = tiny_sd15()
     with pytest.raises(blocks.UnknownArchitecture, match="top-level modules: input_blocks, out, output_blocks"):
@@ -275,4 +275,4 @@ def test_model_blocks_node_names_what_it_found_in_an_unknown_model(tiny_sd15):
         patched.get_key_patches = lambda prefix=None: {  # a model whose keys name no known family
             key: value for key, value in model.get_key_patches(prefix).items() if "time_embed" not in key
         }
-        ModelBlocks.execute(patched)
+        ModelBlocksNode.execute(patched)

@@ -26,11 +26,11 @@ from diffusion_merge.nodes.training_adapters import SwitchedWrapper
 
 
 def apply_vector(model, vector, strength=1.0):
-    return tv_nodes.TaskVectorApply.execute(model, vector, strength).result[0]
+    return tv_nodes.TaskVectorApplyNode.execute(model, vector, strength).result[0]
 
 
 def extract(finetuned, base):
-    return tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    return tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
 
 
 @contextlib.contextmanager

@@ -22,11 +22,11 @@ def first(output):
 
 
 def extract(finetuned, base, **kw):
-    return first(tv_nodes.TaskVectorFromModels.execute(finetuned, base, **kw))
+    return first(tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base, **kw))
 
 
 def to_lora(vector, prefix, **kw):
-    output = lora_nodes.TaskVectorToLoRA.execute(vector, prefix, **kw)
+    output = lora_nodes.TaskVectorToLoRANode.execute(vector, prefix, **kw)
     return output
 
 
@@ -84,7 +84,7 @@ def test_full_rank_lora_samples_like_the_finetune(tiny_sd15, sample, comfyui):
     assert (sample(patched) - sample(finetuned)).abs().max().item() <= 1e-4
     # the node's own output is the same delta, read back from the file
     lora_vector = output.result[0]
-    (applied, _) = tv_nodes.TaskVectorApply.execute(base, lora_vector, 1.0).result
+    (applied, _) = tv_nodes.TaskVectorApplyNode.execute(base, lora_vector, 1.0).result
     assert (sample(applied) - sample(patched)).abs().max().item() <= 1e-5
 
 
@@ -112,9 +112,9 @@ def test_a_merge_result_extracts_and_loads(tiny_sd15, comfyui):
     base = tiny_sd15(0)
     stack = None
     for variant in ("finetune-a", "finetune-b"):
-        entry = first(merge_nodes.TaskVectorStack.execute(extract(tiny_sd15(0, variant), base), 1.0, stack))
+        entry = first(merge_nodes.TaskVectorStackNode.execute(extract(tiny_sd15(0, variant), base), 1.0, stack))
         stack = entry
-    _, merged = merge_nodes.MergeTIES.execute(base, stack, k=0.5).result
+    _, merged = merge_nodes.MergeTIESNode.execute(base, stack, k=0.5).result
     to_lora(merged, "loras/merged", rank=8, conv="skip", other_keys="drop")
     path = written(comfyui, "loras/merged")
     (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(base, into_loras(comfyui, path), 1.0)

@@ -161,7 +161,7 @@ def test_stock_checkpoint_save_then_our_loader_gives_the_same_model(comfyui, run
     saved = sorted((comfyui / "output" / "checkpoints").glob("mini_stock*.safetensors"))[-1]
     target = comfyui / "models" / "checkpoints" / saved.name
     saved.replace(target)
-    node_output = demo.LoadMiniCheckpoint.execute(saved.name)
+    node_output = demo.LoadMiniCheckpointNode.execute(saved.name)
     again_model, again_clip, again_vae = node_output.result
     positive = mini_models.encode(again_clip, "a blue bag")
     torch.testing.assert_close(positive[0][0], mini_models.encode(clip, "a blue bag")[0][0], atol=2e-3, rtol=0)

@@ -51,7 +51,7 @@ def test_nan_through_a_prompt_fails_naming_the_input(run_prompt):
 
 
 def test_finite_values_still_run(comfyui):
-    from diffusion_merge.nodes.merge import TaskVectorStack
+    from diffusion_merge.nodes.merge import TaskVectorStackNode
 
-    stack = TaskVectorStack.execute(task_vector="τ", weight=0.5).result[0]
+    stack = TaskVectorStackNode.execute(task_vector="τ", weight=0.5).result[0]
     assert stack[0].weight == 0.5

@@ -22,8 +22,8 @@ import torch
 from comfy_extras import nodes_model_advanced
 
 import nodes
-from diffusion_merge.merging.schedules import Boundary
-from diffusion_merge.nodes import routing, routing_runtime, routing_server, routing_weights
+from diffusion_merge.merging.sampling.schedules import Boundary
+from diffusion_merge.nodes import common, routing, routing_runtime, routing_server, routing_weights
 from diffusion_merge.nodes import task_vectors as tv_nodes
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -49,11 +49,11 @@ def flux_cond(seed: int):
 
 
 def expert(model, end, unit="sigma", cfg=0.0, experts=None, positive=None):
-    return routing.RouteExpert.execute(model, end, unit, cfg, experts, positive).result[0]
+    return routing.RouteExpertNode.execute(model, end, unit, cfg, experts, positive).result[0]
 
 
 def routed_model(experts, memory_mode="resident"):
-    return routing.RoutedModel.execute(experts, memory_mode).result[0]
+    return routing.RoutedModelNode.execute(experts, memory_mode).result[0]
 
 
 def two_experts(a, b, boundary, unit="sigma", memory_mode="resident"):
@@ -217,13 +217,13 @@ def test_all_experts_the_same_model_equals_the_plain_model_exactly(tiny_sd15):
 def test_clone_experts_share_one_module_and_route_correctly(tiny_sd15):
     """base vs base + τ share their modules (is_clone): the second expert is swapped in at its boundary."""
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-b")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
     plain_before = ksample(base)
     experts = expert(base, float(sigmas_of(base)[2]))
-    experts = routing.RouteTaskVectorExpert.execute(base, vector, 1.0, 0.0, "sigma", 0.0, experts).result[0]
+    experts = routing.RouteTaskVectorExpertNode.execute(base, vector, 1.0, 0.0, "sigma", 0.0, experts).result[0]
     assert experts[1].model.is_clone(base)
     routed = routed_model(experts)
-    patched = tv_nodes.TaskVectorApply.execute(base, vector, 1.0).result[0]
+    patched = tv_nodes.TaskVectorApplyNode.execute(base, vector, 1.0).result[0]
     assert max_diff(ksample(routed), split_sample(base, patched, 2)) <= 1e-4
     assert max_diff(ksample(routed), plain_before) > 1e-3  # the naive router would give the base only
     assert torch.equal(ksample(base), plain_before)  # the shared module is re-patched for the base afterwards
@@ -256,7 +256,7 @@ def test_dpmpp_2m_routed_run_is_one_continuous_solve(sd_pair):
 
 def test_boundaries_in_sigma_percent_and_timestep_route_identically(sd_pair):
     a, b = sd_pair
-    scale = routing_runtime.sigma_scale(a.get_model_object("model_sampling"))
+    scale = common.sigma_scale(a.get_model_object("model_sampling"))
     percent = 0.42
     sigma = scale.to_sigma(Boundary(percent, "percent"))
     timestep = scale.timestep_from_sigma(sigma)
@@ -303,13 +303,13 @@ def clone_chain(base, vector):
     """Experts base, base, base + τ, base + 2τ over a quarter of sampling each."""
     chain = expert(base, 0.5, "percent", experts=expert(base, 0.25, "percent"))
     for strength, end in ((1.0, 0.75), (2.0, 1.0)):
-        chain = routing.RouteTaskVectorExpert.execute(base, vector, strength, end, "percent", 0.0, chain).result[0]
+        chain = routing.RouteTaskVectorExpertNode.execute(base, vector, strength, end, "percent", 0.0, chain).result[0]
     return chain
 
 
 def test_clone_experts_swap_once_per_boundary_in_sequential_mode(tiny_sd15, monkeypatch):
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
     routed = routed_model(clone_chain(base, vector), "sequential")
     spy = LoadSpy(monkeypatch, {"base": base})
     ksample(routed)  # experts: base, base, base+τ, base+2τ → two swaps, one per change of weights
@@ -319,7 +319,7 @@ def test_clone_experts_swap_once_per_boundary_in_sequential_mode(tiny_sd15, monk
 def test_resident_clone_experts_keep_their_weights_and_never_reload(tiny_sd15, monkeypatch):
     """Resident mode keeps each clone expert's weights as a second set: computed once, swapped by reference."""
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
     chain = clone_chain(base, vector)
     expected = ksample(routed_model(chain, "sequential"))  # through ComfyUI's own swaps
     routed = routed_model(chain)
@@ -335,7 +335,7 @@ def test_resident_clone_experts_keep_their_weights_and_never_reload(tiny_sd15, m
 
 def test_resident_clone_experts_fall_back_to_comfyui_swaps_without_room(tiny_sd15, monkeypatch):
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
     chain = clone_chain(base, vector)
     expected = ksample(routed_model(chain, "sequential"))
     routed = routed_model(chain)
@@ -357,7 +357,7 @@ def test_resident_clone_experts_fall_back_to_comfyui_swaps_without_room(tiny_sd1
 
 def test_resident_weight_sets_are_dropped_when_comfyui_unloads_the_model(tiny_sd15, monkeypatch):
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
     routed = routed_model(clone_chain(base, vector))
     sets = routing_runtime.router_of(routed).weight_sets
     first = ksample(routed)
@@ -393,7 +393,7 @@ def test_sdxl_base_to_refiner_encodes_the_refiners_own_conditioning(comfyui):
     positive = [[torch.randn(1, 77, 64, generator=g(1)), {"pooled_output": torch.randn(1, 1280, generator=g(2))}]]
     negative = [[torch.randn(1, 77, 64, generator=g(3)), {"pooled_output": torch.randn(1, 1280, generator=g(4))}]]
     routed = two_experts(base, refiner, 0.8, "percent")
-    boundary = routing_runtime.sigma_scale(base.get_model_object("model_sampling")).to_sigma(Boundary(0.8, "percent"))
+    boundary = common.sigma_scale(base.get_model_object("model_sampling")).to_sigma(Boundary(0.8, "percent"))
     switch = next(i for i, sigma in enumerate(sigmas_of(base).tolist()) if sigma <= boundary)
     out = ksample(routed, positive=positive, negative=negative)
     split = split_sample(base, refiner, switch, positives=(positive, positive), negative=negative)
@@ -455,7 +455,7 @@ def test_routed_guider_per_expert_cfg_and_prompt_equal_split_sampling(sd_pair):
     boundary_step = 2
     chain = expert(a, float(sigmas_of(a)[boundary_step]), cfg=7.5, positive=OTHER_POSITIVE)
     chain = expert(b, 0.0, cfg=2.5, experts=chain)
-    guider = routing.RoutedGuider.execute(chain, POSITIVE, NEGATIVE, 5.0).result[0]
+    guider = routing.RoutedGuiderNode.execute(chain, POSITIVE, NEGATIVE, 5.0).result[0]
     split = split_sample(a, b, boundary_step, cfgs=(7.5, 2.5), positives=(OTHER_POSITIVE, POSITIVE))
     assert max_diff(guider_sample(guider), split) <= 1e-4
 
@@ -463,7 +463,7 @@ def test_routed_guider_per_expert_cfg_and_prompt_equal_split_sampling(sd_pair):
 def test_routed_guider_default_cfg_applies_to_experts_without_their_own(sd_pair):
     a, b = sd_pair
     chain = expert(b, 0.0, experts=expert(a, float(sigmas_of(a)[3])))
-    guider = routing.RoutedGuider.execute(chain, POSITIVE, NEGATIVE, 4.0).result[0]
+    guider = routing.RoutedGuiderNode.execute(chain, POSITIVE, NEGATIVE, 4.0).result[0]
     assert max_diff(guider_sample(guider), split_sample(a, b, 3, cfgs=(4.0, 4.0))) <= 1e-4
 
 
@@ -472,7 +472,7 @@ def test_routed_guider_default_cfg_applies_to_experts_without_their_own(sd_pair)
 
 def test_zero_experts_is_refused():
     with pytest.raises(ValueError, match="no experts"):
-        routing.RoutedModel.execute((), "resident")
+        routing.RoutedModelNode.execute((), "resident")
 
 
 def test_different_latent_formats_are_refused(tiny_sd15, tiny_flux):

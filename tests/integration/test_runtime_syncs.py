@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 from diffusion_merge.nodes import routing, routing_runtime
 from diffusion_merge.nodes import superdiff_runtime as runtime
 from diffusion_merge.nodes import task_vectors as tv_nodes
@@ -100,9 +100,9 @@ def cfg_run(model, sampler="euler"):
 
 def routed(first, second, boundary_step=3, steps=6, memory_mode="resident"):
     boundary = float(sigmas_for(first, steps)[boundary_step])
-    expert = routing.RouteExpert.execute
+    expert = routing.RouteExpertNode.execute
     chain = expert(second, 0.0, "sigma", 0.0, expert(first, boundary, "sigma", 0.0, None).result[0]).result[0]
-    return routing.RoutedModel.execute(chain, memory_mode).result[0]
+    return routing.RoutedModelNode.execute(chain, memory_mode).result[0]
 
 
 # -- routing ---------------------------------------------------------------------------------------------
@@ -138,8 +138,8 @@ def test_routed_sampling_reads_sigma_at_most_a_few_times_per_run(tiny_sd15, samp
 
 def test_clone_expert_swaps_read_nothing_and_compute_weights_once(tiny_sd15):
     base, finetuned = tiny_sd15(0), tiny_sd15(0, "finetune-a")
-    vector = tv_nodes.TaskVectorFromModels.execute(finetuned, base).result[0]
-    patched = tv_nodes.TaskVectorApply.execute(base, vector, 1.0).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base).result[0]
+    patched = tv_nodes.TaskVectorApplyNode.execute(base, vector, 1.0).result[0]
     model = routed(base, patched)
     sets = routing_runtime.router_of(model).weight_sets
     reads, _ = per_step(cfg_run(model))

@@ -19,9 +19,9 @@ def files_in(folder):
 @pytest.fixture
 def huge_vector(tiny_sd15):
     """τ of a demo fine-tune scaled as seven Scale(10) nodes would: its deltas exceed fp16's 65504."""
-    vector = tv_nodes.TaskVectorFromModels.execute(tiny_sd15(0, "finetune-a"), tiny_sd15(0)).result[0]
+    vector = tv_nodes.TaskVectorFromModelsNode.execute(tiny_sd15(0, "finetune-a"), tiny_sd15(0)).result[0]
     for _ in range(7):
-        vector = tv_nodes.TaskVectorScale.execute(vector, 10.0).result[0]
+        vector = tv_nodes.TaskVectorScaleNode.execute(vector, 10.0).result[0]
     return vector
 
 
@@ -29,22 +29,22 @@ def test_save_task_vector_refuses_fp16_overflow_naming_the_key(comfyui, huge_vec
     folder = comfyui / "output" / "task_vectors"
     before = files_in(folder)
     with pytest.raises(ValueError, match=r"tensor 'diffusion_model\..+' \(\d+ of \d+\) has values up to .* fp16"):
-        tv_nodes.TaskVectorSave.execute(huge_vector, "task_vectors/overflow", "fp16")
+        tv_nodes.TaskVectorSaveNode.execute(huge_vector, "task_vectors/overflow", "fp16")
     assert files_in(folder) == before  # no file, no temporary file
-    tv_nodes.TaskVectorSave.execute(huge_vector, "task_vectors/overflow_clamped", "fp16", overflow="clamp")
+    tv_nodes.TaskVectorSaveNode.execute(huge_vector, "task_vectors/overflow_clamped", "fp16", overflow="clamp")
     (saved,) = folder.glob("overflow_clamped_*.safetensors")
     file = SafetensorsFile(saved)
     assert all(bool(torch.isfinite(file[key]).all()) for key in file)
 
 
 def test_save_checkpoint_refuses_fp16_overflow(comfyui, tiny_sd15, huge_vector):
-    patched = tv_nodes.TaskVectorApply.execute(tiny_sd15(0), huge_vector, 1.0).result[0]
+    patched = tv_nodes.TaskVectorApplyNode.execute(tiny_sd15(0), huge_vector, 1.0).result[0]
     folder = comfyui / "output" / "checkpoints"
     before = files_in(folder)
     with pytest.raises(ValueError, match=r"tensor 'model\.diffusion_model\..+' .* beyond the largest fp16 value"):
-        checkpoints.SaveCheckpointStreaming.execute(patched, "checkpoints/overflow", "fp16")
+        checkpoints.SaveCheckpointStreamingNode.execute(patched, "checkpoints/overflow", "fp16")
     assert files_in(folder) == before
-    checkpoints.SaveCheckpointStreaming.execute(patched, "checkpoints/overflow_fp32", "fp32")  # fp32 holds it
+    checkpoints.SaveCheckpointStreamingNode.execute(patched, "checkpoints/overflow_fp32", "fp32")  # fp32 holds it
 
 
 def test_training_stops_when_the_loss_turns_nonfinite(tiny_sd15):
@@ -59,7 +59,7 @@ def test_training_stops_when_the_loss_turns_nonfinite(tiny_sd15):
         torch.inference_mode(),
         pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ of 20: the loss is nan .*learning rate"),
     ):
-        training.TrainRangeExpertLoRA.execute(tiny_sd15(0), latents, positive, **settings)
+        training.TrainRangeExpertLoRANode.execute(tiny_sd15(0), latents, positive, **settings)
 
 
 def test_save_range_expert_lora_refuses_nan_weights_naming_them(comfyui):
@@ -67,5 +67,5 @@ def test_save_range_expert_lora_refuses_nan_weights_naming_them(comfyui):
     folder = comfyui / "output" / "loras"
     before = files_in(folder)
     with pytest.raises(ValueError, match=r"1 of the 2 tensors of the LoRA hold NaN/Inf values: 'a\.lora_down\.weight'"):
-        training.SaveRangeExpertLoRA.execute(lora, "loras/diverged")
+        training.SaveRangeExpertLoRANode.execute(lora, "loras/diverged")
     assert files_in(folder) == before

@@ -96,12 +96,18 @@ def test_cached_task_vector_from_files_is_rebuilt_when_a_file_is_overwritten(com
 def test_the_node_fingerprint_changes_with_the_file(comfyui, demo):
     folder = comfyui / "models" / "checkpoints"
     path = write_checkpoint(folder / "fingerprinted.safetensors", unet_state(demo, "base"))
-    before = tv_nodes.TaskVectorFromFiles.fingerprint_inputs("fingerprinted.safetensors", "fingerprinted.safetensors")
-    again = tv_nodes.TaskVectorFromFiles.fingerprint_inputs("fingerprinted.safetensors", "fingerprinted.safetensors")
+    before = tv_nodes.TaskVectorFromFilesNode.fingerprint_inputs(
+        "fingerprinted.safetensors", "fingerprinted.safetensors"
+    )
+    again = tv_nodes.TaskVectorFromFilesNode.fingerprint_inputs(
+        "fingerprinted.safetensors", "fingerprinted.safetensors"
+    )
     overwrite_in_place(path, unet_state(demo, "finetune-a"), padding=0)
-    after = tv_nodes.TaskVectorFromFiles.fingerprint_inputs("fingerprinted.safetensors", "fingerprinted.safetensors")
+    after = tv_nodes.TaskVectorFromFilesNode.fingerprint_inputs(
+        "fingerprinted.safetensors", "fingerprinted.safetensors"
+    )
     assert before == again and after != before
-    missing = tv_nodes.TaskVectorLoad.fingerprint_inputs("no_such_file.safetensors")
+    missing = tv_nodes.TaskVectorLoadNode.fingerprint_inputs("no_such_file.safetensors")
     assert missing != missing  # NaN: ComfyUI runs the node, which then names the missing file
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from comfy_extras import nodes_custom_sampler, nodes_model_advanced
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 from diffusion_merge.nodes import superdiff as sd_nodes
 from diffusion_merge.nodes import superdiff_runtime as runtime
 
@@ -156,14 +156,14 @@ def flux_cond(seed):
 def chain(*components):
     result = None
     for model, positive, negative, cfg in components:
-        result = sd_nodes.SuperDiffComponent.execute(model, positive, result, negative, cfg).result[0]
+        result = sd_nodes.SuperDiffComponentNode.execute(model, positive, result, negative, cfg).result[0]
     return result
 
 
 def all_in_one(components, mode="OR", latent=None, seed=SEED, steps=8, scheduler="normal", **settings):
     latent = latent or {"samples": torch.zeros(1, 4, 8, 8)}
     kwargs = dict(bias="", kappa_clamp=0.0, and_epsilon=0.0, flow_sigma_max=0.995) | settings
-    out = sd_nodes.SuperDiffKSampler.execute(components, latent, seed, steps, scheduler, 1.0, mode, 1.0, **kwargs)
+    out = sd_nodes.SuperDiffKSamplerNode.execute(components, latent, seed, steps, scheduler, 1.0, mode, 1.0, **kwargs)
     return out.result[0]["samples"], out.result[1], out.ui
 
 
@@ -295,19 +295,19 @@ def test_callback_reports_every_step_and_cancel_stops_the_run(tiny_sd15):
 
 def test_sampler_custom_advanced_path_equals_the_all_in_one_and_finds_its_trace(tiny_sd15):
     components = sd_components(tiny_sd15, 2)
-    guider = sd_nodes.SuperDiffGuider.execute(components).result[0]
-    sampler = sd_nodes.SuperDiffSampler.execute("AND", 1.0, "0.5, 0", 0.0, 0.0, 0.995).result[0]
+    guider = sd_nodes.SuperDiffGuiderNode.execute(components).result[0]
+    sampler = sd_nodes.SuperDiffSamplerNode.execute("AND", 1.0, "0.5, 0", 0.0, 0.0, 0.995).result[0]
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", 8)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     noise = nodes_custom_sampler.Noise_RandomNoise(SEED)
     output, _ = nodes_custom_sampler.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)
     expected, expected_trace, _ = all_in_one(components, "AND", bias="0.5, 0")
     assert torch.equal(output["samples"], expected)
-    result = sd_nodes.SuperDiffTrace.execute(guider, output)
+    result = sd_nodes.SuperDiffTraceNode.execute(guider, output)
     assert torch.equal(result.result[0].kappa, expected_trace.kappa)
     assert result.ui["superdiff_trace"][0]["mode"] == "AND"
     with pytest.raises(ValueError, match="not sampled with this SuperDiff guider"):
-        sd_nodes.SuperDiffTrace.execute(guider, {"samples": output["samples"] + 1})
+        sd_nodes.SuperDiffTraceNode.execute(guider, {"samples": output["samples"] + 1})
 
 
 # -- bad input --------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_the_superdiff_sampler_with_another_guider_is_refused(tiny_sd15):
 
 def test_components_of_different_latent_formats_are_refused(tiny_sd15, tiny_flux):
     with pytest.raises(ValueError, match="latent format"):
-        sd_nodes.SuperDiffGuider.execute(
+        sd_nodes.SuperDiffGuiderNode.execute(
             chain((tiny_sd15(0), cond(1), None, 1.0), (tiny_flux(0), flux_cond(2), None, 1.0))
         )
 
@@ -344,13 +344,13 @@ def test_components_of_different_latent_formats_are_refused(tiny_sd15, tiny_flux
 @pytest.mark.parametrize("components", [None, ()])
 def test_empty_components_are_refused(components):
     with pytest.raises(ValueError, match="no components"):
-        sd_nodes.SuperDiffGuider.execute(components)
+        sd_nodes.SuperDiffGuiderNode.execute(components)
 
 
 def test_cfg_without_a_negative_and_a_wrong_bias_count_are_refused(tiny_sd15):
     model = tiny_sd15(0)
     with pytest.raises(ValueError, match="cfg 5 but no negative"):
-        sd_nodes.SuperDiffGuider.execute(chain((model, cond(1), None, 5.0)))
+        sd_nodes.SuperDiffGuiderNode.execute(chain((model, cond(1), None, 5.0)))
     with pytest.raises(ValueError, match="bias has 3 value"):
         all_in_one(sd_components(tiny_sd15, 2), bias="0, 1, 2")
 

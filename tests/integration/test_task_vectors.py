@@ -20,11 +20,11 @@ def first(output):
 
 
 def extract(finetuned, base, **kw):
-    return first(tv_nodes.TaskVectorFromModels.execute(finetuned, base, **kw))
+    return first(tv_nodes.TaskVectorFromModelsNode.execute(finetuned, base, **kw))
 
 
 def apply(model, vector, strength=1.0):
-    return first(tv_nodes.TaskVectorApply.execute(model, vector, strength))
+    return first(tv_nodes.TaskVectorApplyNode.execute(model, vector, strength))
 
 
 def max_diff(a, b):
@@ -62,7 +62,7 @@ def test_saved_task_vector_applies_through_stock_lora_loader(tiny_sd15, sample, 
     import nodes
 
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    tv_nodes.TaskVectorSave.execute(extract(finetuned, base), "task_vectors/roundtrip", "fp32")
+    tv_nodes.TaskVectorSaveNode.execute(extract(finetuned, base), "task_vectors/roundtrip", "fp32")
     saved = next((comfyui / "output" / "task_vectors").glob("roundtrip_*.safetensors"))
     shutil.copy(saved, comfyui / "models" / "loras" / saved.name)
     (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(base, saved.name, 1.0)
@@ -72,13 +72,13 @@ def test_saved_task_vector_applies_through_stock_lora_loader(tiny_sd15, sample, 
 def test_saved_file_metadata_and_reload(tiny_sd15, comfyui):
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-b")
     vector = extract(finetuned, base).scale(0.5)
-    tv_nodes.TaskVectorSave.execute(vector, "task_vectors/meta", "fp32")
+    tv_nodes.TaskVectorSaveNode.execute(vector, "task_vectors/meta", "fp32")
     path = next((comfyui / "output" / "task_vectors").glob("meta_*.safetensors"))
     metadata = SafetensorsFile(path).metadata
     assert metadata["dm_base_fingerprint"] == vector.base_fingerprint
     assert '"coefficient": 0.5' in metadata["dm_recipe"]
     assert metadata["dm_version"]
-    reloaded = first(tv_nodes.TaskVectorLoad.execute(path.name))
+    reloaded = first(tv_nodes.TaskVectorLoadNode.execute(path.name))
     assert reloaded.keys() == vector.keys()
     for key in vector.keys():
         torch.testing.assert_close(reloaded.delta(key, "cpu"), vector.delta(key, "cpu"), rtol=0, atol=0)
@@ -89,7 +89,7 @@ def test_from_files_equals_from_models_key_by_key(sd15_file, comfyui):
 
     sd15_file("ft.safetensors", "finetune-a")
     sd15_file("base.safetensors", "base")
-    from_files = first(tv_nodes.TaskVectorFromFiles.execute("ft.safetensors", "base.safetensors"))
+    from_files = first(tv_nodes.TaskVectorFromFilesNode.execute("ft.safetensors", "base.safetensors"))
     loader = nodes.CheckpointLoaderSimple()
     finetuned = loader.load_checkpoint("ft.safetensors")[0]
     base = loader.load_checkpoint("base.safetensors")[0]
@@ -104,7 +104,7 @@ def test_from_files_equals_from_models_key_by_key(sd15_file, comfyui):
 def test_from_files_reads_low_precision_and_bare_unet_files(sd15_file, dtype):
     ft = sd15_file(f"ft_{dtype}.safetensors", "finetune-a", dtype=dtype, folder="diffusion_models")
     base = sd15_file(f"base_{dtype}.safetensors", "base", dtype=dtype, folder="diffusion_models")
-    vector = first(tv_nodes.TaskVectorFromFiles.execute(ft.name, base.name))
+    vector = first(tv_nodes.TaskVectorFromFilesNode.execute(ft.name, base.name))
     raw_ft, raw_base = safetensors.torch.load_file(ft), safetensors.torch.load_file(base)
     key = "input_blocks.0.0.weight"
     expected = raw_ft[key].float() - raw_base[key].float()
@@ -139,7 +139,7 @@ def test_lora_task_vector_equals_the_stock_loader_delta(tiny_sd15, comfyui):
     base = tiny_sd15(0, "base")
     lora = lora_state_dict()
     safetensors.torch.save_file(lora, str(comfyui / "models" / "loras" / "tiny_lora.safetensors"))
-    vector = first(tv_nodes.TaskVectorFromLoRA.execute("tiny_lora.safetensors", base))
+    vector = first(tv_nodes.TaskVectorFromLoRANode.execute("tiny_lora.safetensors", base))
     patched, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
     assert len(vector) == 4
     weights = base.model.state_dict()
@@ -167,8 +167,8 @@ def test_nodes_leave_their_inputs_bit_identical(tiny_sd15, sample, comfyui):
     vector = extract(finetuned, base)
     patched = apply(base, vector, 0.7)
     sample(patched)
-    tv_nodes.TaskVectorInfo.execute(vector)
-    tv_nodes.TaskVectorSave.execute(vector, "task_vectors/untouched", "fp16")
+    tv_nodes.TaskVectorInfoNode.execute(vector)
+    tv_nodes.TaskVectorSaveNode.execute(vector, "task_vectors/untouched", "fp16")
     extract(patched, base)
     mm.unload_all_models()  # sampling leaves the shared module patched while loaded, as ComfyUI always does
     assert fingerprint_of(base, finetuned) == before
@@ -185,7 +185,7 @@ def test_task_vector_of_a_patched_model_is_its_patch(tiny_sd15, sample):
 
 def test_info_reports_keys_norms_and_sparsity(tiny_sd15):
     base, finetuned = tiny_sd15(0, "base"), tiny_sd15(0, "finetune-a")
-    out = tv_nodes.TaskVectorInfo.execute(extract(finetuned, base))
+    out = tv_nodes.TaskVectorInfoNode.execute(extract(finetuned, base))
     import json
 
     summary = json.loads(out.result[0])
@@ -216,7 +216,7 @@ def test_different_architectures_are_refused(tiny_sd15, tiny_flux):
 
 def test_missing_file_is_named(comfyui):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
-        tv_nodes.TaskVectorFromFiles.execute("nope.safetensors", "nope.safetensors")
+        tv_nodes.TaskVectorFromFilesNode.execute("nope.safetensors", "nope.safetensors")
 
 
 def test_pickled_file_is_never_unpickled(comfyui, monkeypatch):
@@ -224,7 +224,7 @@ def test_pickled_file_is_never_unpickled(comfyui, monkeypatch):
     torch.save({"x": torch.zeros(1)}, path)
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     with pytest.raises(NotSafetensorsError, match="not a safetensors file"):
-        tv_nodes.TaskVectorFromFiles.execute("evil.safetensors", "evil.safetensors")
+        tv_nodes.TaskVectorFromFilesNode.execute("evil.safetensors", "evil.safetensors")
     with pytest.raises(ValueError, match=r"not a \.safetensors file"):
         comfy_bridge.resolve_model_file("evil.ckpt", "checkpoints")
 
@@ -245,7 +245,7 @@ def test_nan_delta_errors_naming_the_key_or_is_skipped(tiny_sd15):
 def test_save_refuses_paths_outside_the_output_folder(tiny_sd15, prefix):
     vector = extract(tiny_sd15(0, "finetune-a"), tiny_sd15(0))
     with pytest.raises(ValueError, match="output folder"):
-        tv_nodes.TaskVectorSave.execute(vector, prefix, "fp16")
+        tv_nodes.TaskVectorSaveNode.execute(vector, prefix, "fp16")
 
 
 def test_text_encoder_part_round_trips_through_apply_and_the_stock_lora_loader(demo, comfyui):
@@ -260,11 +260,11 @@ def test_text_encoder_part_round_trips_through_apply_and_the_stock_lora_loader(d
     def encode(clip):
         return clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))[0][0]
 
-    _, patched_clip = tv_nodes.TaskVectorApply.execute(base_model, vector, 1.0, base_clip).result
+    _, patched_clip = tv_nodes.TaskVectorApplyNode.execute(base_model, vector, 1.0, base_clip).result
     assert max_diff(encode(patched_clip), encode(finetuned_clip)) <= 1e-4
     assert max_diff(encode(base_clip), encode(finetuned_clip)) > 1e-3
 
-    tv_nodes.TaskVectorSave.execute(vector, "task_vectors/with_clip", "fp32")
+    tv_nodes.TaskVectorSaveNode.execute(vector, "task_vectors/with_clip", "fp32")
     saved = next((comfyui / "output" / "task_vectors").glob("with_clip_*.safetensors"))
     shutil.copy(saved, comfyui / "models" / "loras" / saved.name)
     _, loaded_clip = nodes.LoraLoader().load_lora(base_model, base_clip, saved.name, 1.0, 1.0)

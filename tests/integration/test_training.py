@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffusion_merge.merging.channel_projection import companion_path
-from diffusion_merge.merging.training_schedules import MomentumDecay, TimeRange, range_cdf, training_progress
+from diffusion_merge.merging.training.schedules import MomentumDecay, TimeRange, range_cdf, training_progress
 from diffusion_merge.nodes import compat, training
 from diffusion_merge.nodes import merge as merge_nodes
 from diffusion_merge.nodes import task_vectors as tv_nodes
@@ -38,7 +38,7 @@ def train(model, dataset, **settings):
     """Run the trainer node as ComfyUI does (inference mode); returns its outputs by name."""
     latents, positive = dataset
     with torch.inference_mode():
-        output = training.TrainRangeExpertLoRA.execute(model, latents, positive, **(BASE_SETTINGS | settings))
+        output = training.TrainRangeExpertLoRANode.execute(model, latents, positive, **(BASE_SETTINGS | settings))
     names = ("model", "lora", "loss", "sigma_histogram", "projection", "steps")
     return dict(zip(names, output.result, strict=True))
 
@@ -218,26 +218,26 @@ def test_projections_save_beside_the_lora_and_merge_as_w_minus_identity(tiny_sd1
     projections = out["projection"]
     assert {"input.0", "input.1", "middle.0", "output.0"} <= set(projections)
     assert any(max_diff(w, torch.eye(w.shape[0])) > 1e-4 for w in projections.values())  # they trained
-    training.SaveRangeExpertLoRA.execute(out["lora"], "loras/expert", projections)
+    training.SaveRangeExpertLoRANode.execute(out["lora"], "loras/expert", projections)
     lora_file = next((comfyui / "output" / "loras").glob("expert_*_.safetensors"))
     assert companion_path(lora_file).is_file()
     for path in (lora_file, companion_path(lora_file)):
         shutil.copy(path, comfyui / "models" / "loras" / path.name)
 
     (stock,) = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora_file.name, 1.0)
-    (vector,) = tv_nodes.TaskVectorFromLoRA.execute(lora_file.name, base).result
+    (vector,) = tv_nodes.TaskVectorFromLoRANode.execute(lora_file.name, base).result
     assert "channel_projection.middle.0.weight" in vector.keys()
     torch.testing.assert_close(
         vector.delta("channel_projection.middle.0.weight"), projections["middle.0"] - torch.eye(32)
     )
     trained = sample(out["model"])
-    (from_lora, _) = tv_nodes.TaskVectorApply.execute(base, vector, 1.0).result
+    (from_lora, _) = tv_nodes.TaskVectorApplyNode.execute(base, vector, 1.0).result
     assert max_diff(sample(from_lora), trained) <= 1e-4
     assert max_diff(sample(stock), trained) > 1e-4  # stock loaders load the LoRA part only
 
-    (from_models,) = tv_nodes.TaskVectorFromModels.execute(out["model"], base).result
-    (stack,) = merge_nodes.TaskVectorStack.execute(from_models, 0.5).result
-    merged, _ = merge_nodes.MergeTaskArithmetic.execute(base, stack, 2.0).result
+    (from_models,) = tv_nodes.TaskVectorFromModelsNode.execute(out["model"], base).result
+    (stack,) = merge_nodes.TaskVectorStackNode.execute(from_models, 0.5).result
+    merged, _ = merge_nodes.MergeTaskArithmeticNode.execute(base, stack, 2.0).result
     assert max_diff(sample(merged), trained) <= 1e-4  # I + 2 · 0.5 · (W − I) = W
 
 
@@ -246,7 +246,7 @@ def widget_defaults(node_cls) -> dict:
 
 
 def test_trainer_and_save_run_as_a_prompt(run_prompt, comfyui):
-    trainer_inputs = widget_defaults(training.TrainRangeExpertLoRA) | {
+    trainer_inputs = widget_defaults(training.TrainRangeExpertLoRANode) | {
         "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "range_min": 500, "steps": 2,
         "channel_projection": True, "momentum_decay": ["4", 0], "training_dtype": "fp32",
     }  # fmt: skip

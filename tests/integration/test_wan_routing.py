@@ -14,9 +14,9 @@ import torch
 from comfy_extras import nodes_model_advanced
 
 import nodes
-from diffusion_merge.merging.schedules import assign_steps
+from diffusion_merge.merging.sampling.schedules import assign_steps
 from diffusion_merge.nodes import demo_models, routing
-from diffusion_merge.nodes.demo_wan import DemoWanLoader
+from diffusion_merge.nodes.demo_wan import DemoWanLoaderNode
 
 STEPS, CFG, SHIFT, BOUNDARY, SEED = 20, 3.5, 8.0, 0.875, 42
 LATENT = {"samples": torch.zeros(1, 16, 2, 8, 8)}  # 5 frames of 64×64 in Wan's latent space
@@ -26,8 +26,8 @@ LATENT = {"samples": torch.zeros(1, 16, 2, 8, 8)}  # 5 frames of 64×64 in Wan's
 def wan(comfyui):
     """(high-noise expert, low-noise expert, positive, negative), each expert shifted by 8 as in the recipe."""
     shift = nodes_model_advanced.ModelSamplingSD3()
-    high, clip, _ = DemoWanLoader.execute("high_noise", 0).result
-    low = DemoWanLoader.execute("low_noise", 0).result[0]
+    high, clip, _ = DemoWanLoaderNode.execute("high_noise", 0).result
+    low = DemoWanLoaderNode.execute("low_noise", 0).result[0]
     encode = nodes.CLIPTextEncode()
     positive = encode.encode(clip, "a red fox running through snow")[0]
     negative = encode.encode(clip, "blurry")[0]
@@ -35,9 +35,9 @@ def wan(comfyui):
 
 
 def routed(high, low, memory_mode="resident"):
-    first = routing.RouteExpert.execute(high, BOUNDARY, "sigma", 0.0, None).result[0]
-    both = routing.RouteExpert.execute(low, 0.0, "sigma", 0.0, first).result[0]
-    return routing.RoutedModel.execute(both, memory_mode).result[0]
+    first = routing.RouteExpertNode.execute(high, BOUNDARY, "sigma", 0.0, None).result[0]
+    both = routing.RouteExpertNode.execute(low, 0.0, "sigma", 0.0, first).result[0]
+    return routing.RoutedModelNode.execute(both, memory_mode).result[0]
 
 
 def ksample(model, positive, negative, sampler="euler"):
@@ -85,7 +85,7 @@ def test_a_multistep_sampler_keeps_its_history_across_the_switch(wan):
 
 
 def test_demo_wan_loader_builds_two_distinct_deterministic_experts(comfyui):
-    high_a = DemoWanLoader.execute("high_noise", 0).result[0].model.diffusion_model.state_dict()
+    high_a = DemoWanLoaderNode.execute("high_noise", 0).result[0].model.diffusion_model.state_dict()
     high_b = demo_models.build_wan(0, "high_noise").model.diffusion_model.state_dict()
     low = demo_models.build_wan(0, "low_noise").model.diffusion_model.state_dict()
     assert all(torch.equal(high_a[key], high_b[key]) for key in high_a)
@@ -96,6 +96,6 @@ def test_demo_wan_loader_builds_two_distinct_deterministic_experts(comfyui):
 
 
 def test_the_demo_video_vae_decodes_frames(comfyui):
-    _, _, vae = DemoWanLoader.execute("low_noise", 3).result
+    _, _, vae = DemoWanLoaderNode.execute("low_noise", 3).result
     frames = nodes.VAEDecode().decode(vae, {"samples": torch.randn(2, 16, 3, 4, 4)})[0]
     assert frames.shape == (6, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1

@@ -278,3 +278,28 @@ def test_cpu_blocks_change_no_byte_of_a_merged_checkpoint(monkeypatch, tmp_path,
         tmp_path / "base.safetensors", paths, tmp_path / "blocked.safetensors", method, **params
     )
     assert whole.read_bytes() == blocked.read_bytes()
+
+
+def test_weights_that_require_grad_merge_like_plain_tensors():
+    """Models' own parameters may require grad (a MODEL's weights outside inference mode): the merge reads them
+    without recording anything and gives the same result as for plain tensors."""
+    base = {
+        key: torch.randn(shape, generator=torch.Generator().manual_seed(i))
+        for i, (key, shape) in enumerate(SHAPES.items())
+    }
+    finetunes = [{key: value + delta[key] for key, value in base.items()} for delta in task_vectors()]
+    plain = [merging.task_vector(ft, base) for ft in finetunes]
+    as_parameters = [  # lazy differences, read key by key as a merge of MODELs reads them
+        merging.extract_task_vector(
+            {k: torch.nn.Parameter(v.clone()) for k, v in ft.items()},
+            {k: torch.nn.Parameter(v.clone()) for k, v in base.items()},
+        )
+        for ft in finetunes
+    ]
+    for method, params in METHOD_CASES:
+        expected = merge_task_vectors(plain, method, device="cpu", **params)
+        with torch.enable_grad():
+            actual = merge_task_vectors(as_parameters, method, device="cpu", **params)
+        for key in SHAPES:
+            assert not actual[key].requires_grad
+            assert torch.equal(actual[key], expected[key]), (method, key)

@@ -251,7 +251,7 @@ def test_las_threshold_is_strict():
 
 
 def reference_drm_matrix(deltas, drop_rate: float, weights=None, horizontal: bool = False) -> torch.Tensor:
-    """DRM (papers.md §4.1) on one weight: joint SVD, renormalised blocks, joint trim, elect, disjoint mean."""
+    """DRM (arXiv 2505.23117) on one weight: joint SVD, renormalised blocks, joint trim, elect, disjoint mean."""
     if horizontal:
         return reference_drm_matrix([d.T for d in deltas], drop_rate, weights).T
     n, rows = len(deltas), deltas[0].shape[0]

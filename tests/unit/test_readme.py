@@ -91,6 +91,15 @@ def load_script(name: str):
 SCRIPT_VARIABLES = ("COMFYUI_PATH", "VENV")  # what scripts/setup_venv.sh reads from the environment
 
 
+def names_a_comfyui(value: str) -> bool:
+    """A checkout at ``value`` (relative to the pack); where the project's snapshots are not beside the pack (a
+    machine without ComfyUI), at least one of the snapshot paths the scripts look for."""
+    if (PACK_ROOT / value / "main.py").is_file():
+        return True
+    snapshots = load_script("comfy_in_process").SNAPSHOTS
+    return not (PACK_ROOT.parent / "shared").is_dir() and value in {f"../shared/{name}" for name in snapshots}
+
+
 def shell_commands() -> list[list[str]]:
     """Each README shell line as words, with leading ``NAME=value`` assignments checked and dropped."""
     lines = [line.split("#", 1)[0].strip() for block in SHELL for line in block.splitlines()]
@@ -99,7 +108,7 @@ def shell_commands() -> list[list[str]]:
         while words and "=" in words[0] and not words[0].startswith("-"):
             name, value = words.pop(0).split("=", 1)
             assert name in SCRIPT_VARIABLES, f"the README sets {name}, which no script reads"
-            assert name != "COMFYUI_PATH" or (PACK_ROOT / value / "main.py").is_file(), f"no ComfyUI at {value}"
+            assert name != "COMFYUI_PATH" or names_a_comfyui(value), f"no ComfyUI at {value}"
         commands.append(words)
     return commands
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_merge.merging.schedules import (
+from diffusion_merge.merging.sampling.schedules import (
     SIGMA_TIE_RTOL,
     Boundary,
     ExpertRange,
@@ -104,7 +104,7 @@ def test_flow_timesteps_are_a_thousand_times_sigma():
     scale = flow_scale(shifted(8.0))
     assert scale.to_sigma(Boundary(875, "timestep")) == pytest.approx(0.875)  # Wan 2.2's T2V boundary
     assert scale.timestep_from_sigma(0.9) == pytest.approx(900)
-    assert scale.to_sigma(Boundary(0.5, "percent")) == pytest.approx(0.8889, abs=1e-4)  # shift 8, table in §C.2
+    assert scale.to_sigma(Boundary(0.5, "percent")) == pytest.approx(0.8889, abs=1e-4)  # shift 8
 
 
 def test_percent_from_sigma_inverts_the_percent_rule():
@@ -214,5 +214,5 @@ def test_call_windows_of_a_schedule_ending_above_zero_include_its_last_sigma():
 
 def test_the_library_imports_without_comfyui():
     env = {**os.environ, "PYTHONPATH": str(PACK_ROOT)}
-    code = "import sys, merging.schedules; assert not any(m.split('.')[0] == 'comfy' for m in sys.modules)"
+    code = "import sys, merging.sampling.schedules; assert not any(m.split('.')[0] == 'comfy' for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=PACK_ROOT, env=env, check=True)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from diffusion_merge.merging import superdiff as sd
+from diffusion_merge.merging.sampling import superdiff as sd
 
 D = 16  # dimensions of the Gaussian toys
 
@@ -191,7 +191,8 @@ def test_ito_estimate_tracks_the_exact_log_density_of_a_gaussian():
 
 
 def test_the_reference_or_sign_on_the_epsilon_term_is_badly_biased():
-    """§2.5 pitfall 1: +|Δσ|‖ε‖²/σ (the authors' OR branch) instead of Thm. 1's minus drifts by hundreds of nats."""
+    """SuperDiff note 1 (docs/methods.md): +|Δσ|‖ε‖²/σ (the authors' OR branch) instead of Thm. 1's minus drifts
+    by hundreds of nats."""
     sigmas = ve_sigmas(256)
     start, end, log_density, _ = run_toy("ve", sigmas, MEANS[:1], sd.SuperDiffSettings(), samples=500, seed=5)
     exact_error = estimator_error("ve", sigmas, start, end, log_density, MEANS[:1]).mean().item()
@@ -392,4 +393,4 @@ def test_trace_plot_data_is_small_json():
     assert data["density_steps"][0] == 0 and data["density_steps"][-1] == steps
     assert "3 components" in str(trace)
     a = torch.randn(1, 4, 8, 8)
-    assert sd.fingerprint(a) == sd.fingerprint(a.clone()) != sd.fingerprint(a + 1e-3)
+    assert sd.latent_fingerprint(a) == sd.latent_fingerprint(a.clone()) != sd.latent_fingerprint(a + 1e-3)

@@ -13,10 +13,11 @@ import safetensors.torch
 import torch
 
 from diffusion_merge import merging
-from diffusion_merge.merging.io import NotSafetensorsError, ReadBuffer, SafetensorsFile, write_safetensors
+from diffusion_merge.merging.buffers import Scratch
+from diffusion_merge.merging.io import NotSafetensorsError, SafetensorsFile, write_safetensors
 from diffusion_merge.merging.keys import architecture_fingerprint, unet_key_map
 from diffusion_merge.merging.task_vector_files import saved_key
-from diffusion_merge.merging.task_vectors import block_name
+from diffusion_merge.merging.task_vectors import coarse_block_of
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,7 +151,7 @@ def test_summary_counts_norms_and_sparsity():
     ],
 )
 def test_block_names(key, block):
-    assert block_name(key) == block
+    assert coarse_block_of(key) == block
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_streaming_reads_match_and_drop_only_large_buffered_tensors_behind(tmp_p
     dropped = []
     if hasattr(os, "posix_fadvise"):
         monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, size, advice: dropped.append(size))
-    file, buffer = SafetensorsFile(tmp_path / "m.safetensors", drop_behind=drop_behind), ReadBuffer()
+    file, buffer = SafetensorsFile(tmp_path / "m.safetensors", drop_behind=drop_behind), Scratch()
     for _ in range(2):  # the second round reuses the buffer's memory and the open file
         for key, tensor in tensors.items():
             read = file.read(key, buffer)
@@ -269,11 +270,13 @@ def test_fingerprint_ignores_storage_precision_but_not_weights(pair):
     finetuned, base = pair
     shapes = {k: tuple(v.shape) for k, v in base.items()}
     half = {k: v.half().float() for k, v in base.items()}
-    from diffusion_merge.merging.keys import fingerprint
+    from diffusion_merge.merging.keys import state_dict_fingerprint
 
-    assert fingerprint(half, shapes) == fingerprint({k: v.half() for k, v in base.items()}, shapes)
-    assert fingerprint(half, shapes) != fingerprint(finetuned, shapes)
-    assert architecture_fingerprint(shapes) == fingerprint(finetuned, shapes).split("-")[0]
+    assert state_dict_fingerprint(half, shapes) == state_dict_fingerprint(
+        {k: v.half() for k, v in base.items()}, shapes
+    )
+    assert state_dict_fingerprint(half, shapes) != state_dict_fingerprint(finetuned, shapes)
+    assert architecture_fingerprint(shapes) == state_dict_fingerprint(finetuned, shapes).split("-")[0]
 
 
 def test_lora_pairs_expand_to_scaled_products():
@@ -296,7 +299,7 @@ def test_lora_pairs_expand_to_scaled_products():
 def test_library_imports_without_comfyui():
     """`import merging` with only the pack root on sys.path: the documented scripting entry point."""
     code = (
-        "import sys, merging, merging.training_schedules, merging.channel_projection; "
+        "import sys, merging, merging.training.schedules, merging.channel_projection; "
         "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion_merge.merging.schedules import discrete_scale, flow_scale
-from diffusion_merge.merging.training_schedules import (
+from diffusion_merge.merging.sampling.schedules import discrete_scale, flow_scale
+from diffusion_merge.merging.training.schedules import (
     WHOLE_SCHEDULE,
     MomentumDecay,
     TimeRange,
@@ -225,7 +225,7 @@ def test_rex_schedule_keeps_lr_times_one_minus_beta_constant():
         assert beta / (1 - beta) == pytest.approx(9.0 * (1 - tau), abs=1e-12)  # β/(1 − β) falls linearly
         lr = decay.learning_rate(2e-4, tau)
         assert lr * (1 - beta) == pytest.approx(2e-4 * 0.1, rel=1e-12)
-        assert lr == pytest.approx(2e-4 * (1 - 0.9 * tau), rel=1e-12)  # papers.md §5.2's closed form
+        assert lr == pytest.approx(2e-4 * (1 - 0.9 * tau), rel=1e-12)  # the closed form lr₀·(1 − β₀τ), docs/methods.md
 
 
 def test_linear_exponential_and_floor():

@@ -1,5 +1,5 @@
 // diffusion-merge: a small plot of a SuperDiff run on the node (SuperDiff KSampler, SuperDiff Trace).
-// The node's ui message carries the κ and log-density traces (merging.superdiff.SuperDiffTrace.plot_data);
+// The node's ui message carries the κ and log-density traces (merging.sampling.superdiff.SuperDiffTrace.plot_data);
 // two panels are drawn on the canvas below the widgets: κ per component and step, and each component's
 // log-density estimate relative to the components' mean. Nothing is added to the node's widgets, so saved
 // workflows keep exactly their widgets_values.

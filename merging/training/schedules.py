@@ -5,12 +5,12 @@ u = 1 − ComfyUI's sampling percent, so u = 0 is the clean end (σ_min) and u =
 discrete ε/v models u = t / 999 for training timestep t; for flow models σ = shift(u). Drawing u uniformly
 is what ComfyUI's own trainer does (uniform in percent) and what DeMe does (uniform integer timesteps).
 
-**Range experts** (DeMe, papers.md §1.1). A :class:`TimestepSampler` draws u from the expert's range
+**Range experts** (DeMe, arXiv 2410.06664; docs/methods.md). A :class:`TimestepSampler` draws u from the expert's range
 [a, b]; with probability p (one coin per batch) from the whole schedule [0, 1] instead. *Antithetic* pairs
 are drawn as quantiles (v, 1 − v) of the active density; for the uniform density that is u' = a + b − u,
 DeMe's mirrored timesteps.
 
-**CLTS** (curriculum timestep schedule, papers.md §5.2 — our reconstruction, not the paper's formula): the
+**CLTS** (curriculum timestep schedule, arXiv 2404.07946 — our reconstruction, not the paper's formula): the
 density moves during training from uniform towards a normal density around μ, truncated to the active range,
 
     ρ_k(u) = (1 − λ_k) · U[a, b](u) + λ_k · N_[a,b](u; μ, s²),
@@ -18,8 +18,8 @@ density moves during training from uniform towards a normal density around μ, t
 
 for optimiser step k of K, centre μ (0.3), spread s, weight λ_max and ramp [r₀, r₁] (fractions of training).
 
-**MDLRC** (momentum decay with learning-rate compensation, papers.md §5.2 — reconstruction): Adam's β₁
-decays with τ_k and the learning rate is scaled so that lr · (1 − β₁) — the weight of the newest gradient in
+**MDLRC** (momentum decay with learning-rate compensation, arXiv 2404.07946 — reconstruction, ``docs/methods.md``):
+Adam's β₁ decays with τ_k and the learning rate is scaled so that lr · (1 − β₁) — the weight of the newest gradient in
 the momentum — stays at its initial value:
 
     rex:          β₁(τ) = max(floor, β₀(1 − τ) / ((1 − β₀) + β₀(1 − τ)))   (β₁/(1 − β₁) falls linearly to 0)
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedules import TIMESTEP_SCALE, Boundary, SigmaScale, Unit
+from ..sampling.schedules import TIMESTEP_SCALE, Boundary, SigmaScale, Unit
 
 MIN_RANGE_WIDTH = 1e-6
 MOMENTUM_SCHEDULES: tuple[str, ...] = ("rex", "linear", "exponential")
@@ -69,10 +69,6 @@ class TimeRange:
     @property
     def width(self) -> float:
         return self.high - self.low
-
-    def mirror(self, times: torch.Tensor) -> torch.Tensor:
-        """The antithetic partner of each time inside the range: low + high − u."""
-        return self.low + self.high - times
 
 
 WHOLE_SCHEDULE = TimeRange(0.0, 1.0)

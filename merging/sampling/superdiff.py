@@ -25,10 +25,11 @@ SDE with ξ = g²/2 (Prop. 1), coefficients taken at the step's start (left poin
     Δlog q^i = ⟨x' − x, s_i⟩ + Δ·[D·a + ⟨a·x − (g²/2)·s_i, s_i⟩]        (Thm. 1, D = dimensions)
 
 where s_i is component i's *unguided* score (its positive prompt) and ŝ_j its guided (CFG) score, which only
-drives the sample (§2.5 pitfall 3). Scores come from denoised predictions: ∇log q = (α·D(x, σ) − x)/σ². For VE
-this is the authors' update Δlog q = −⟨dx, ε⟩/σ − |Δσ|·‖ε‖²/σ; note the **minus** on the ‖ε‖² term — their OR
-branch has it flipped, which biases each estimate by hundreds of nats (§2.5 pitfall 1). Thm. 1 is used for both
-operations here. Because Σκ = 1, the a·⟨x, s_i⟩ terms cancel and the increment is affine in κ::
+drives the sample (``docs/methods.md``, SuperDiff note 3). Scores come from denoised predictions:
+∇log q = (α·D(x, σ) − x)/σ². For VE this is the authors' update Δlog q = −⟨dx, ε⟩/σ − |Δσ|·‖ε‖²/σ; note the
+**minus** on the ‖ε‖² term — their OR branch has it flipped, which biases each estimate by hundreds of nats
+(``docs/methods.md``, SuperDiff note 1). Thm. 1 is used for both operations here. Because Σκ = 1, the
+a·⟨x, s_i⟩ terms cancel and the increment is affine in κ::
 
     Δlog q^i = Σ_j A_ij κ_j + b_i,   A_ij = g²Δ·⟨s_i, ŝ_j⟩,   b_i = √(g²Δ)·⟨z, s_i⟩ + Δ·(D·a − (g²/2)·‖s_i‖²)
 
@@ -478,7 +479,8 @@ class SuperDiffTrace:
     """What one SuperDiff run did, per sample: κ at every step and the log-density estimates at every σ.
 
     ``kappa``: (steps, B, N); ``log_density``: (steps + 1, B, N), starting at 0 (estimates are relative to the
-    starting point: the accumulators start equal, §2.5 pitfall 8); ``sigmas``: (steps + 1,) the σ actually used.
+    starting point: the accumulators start equal, ``docs/methods.md`` SuperDiff note 8); ``sigmas``: (steps + 1,)
+    the σ actually used.
     """
 
     mode: str
@@ -545,7 +547,7 @@ def _finite(value) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def fingerprint(tensor: torch.Tensor) -> str:
+def latent_fingerprint(tensor: torch.Tensor) -> str:
     """A content hash of a latent (to find the trace of the run that produced it)."""
     data = tensor.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.blake2b(digest_size=16)

@@ -1,0 +1,1 @@
+"""Training maths (no ComfyUI): timestep sampling for range experts and the optimiser schedules (``schedules``)."""
