@@ -714,7 +714,8 @@ def train_experts(args, preset: Preset, log: Log) -> dict:
             output = training.TrainRangeExpertLoRA.execute(
                 model, samples, positive, range_unit="timestep", range_min=float(low), range_max=float(high),
                 antithetic=True, loss_space="eps/v", steps=preset.expert_steps, batch_size=preset.expert_batch,
-                learning_rate=preset.expert_lr, rank=preset.expert_rank, seed=args.seed, training_dtype="fp32", lora_dtype="fp32",
+                learning_rate=preset.expert_lr, rank=preset.expert_rank, seed=args.seed,
+                training_dtype="fp32", lora_dtype="fp32",
                 gradient_checkpointing=False, grad_clip=1.0,
             )  # fmt: skip
         seconds = time.monotonic() - start
