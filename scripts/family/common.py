@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -16,7 +15,6 @@ sys.path.insert(0, str(SCRIPTS))
 
 import comfy_in_process  # noqa: E402
 
-DEFAULT_COMFYUI = PACK_ROOT.parent / "shared" / "ComfyUI"
 MANIFEST = "family.json"
 FINETUNE_VARIANTS = {
     "a": "classes 0–4 (t-shirt, trousers, pullover, dress, coat)",
@@ -27,15 +25,6 @@ FINETUNE_VARIANTS = {
 }
 
 
-def comfyui_path() -> Path:
-    """$COMFYUI_PATH, else the ComfyUI this pack sits in (custom_nodes/), else ../shared/ComfyUI."""
-    if os.environ.get("COMFYUI_PATH"):
-        return Path(os.environ["COMFYUI_PATH"])
-    if PACK_ROOT.parent.name == "custom_nodes":
-        return PACK_ROOT.parent.parent
-    return DEFAULT_COMFYUI
-
-
 _booted = False
 
 
@@ -44,7 +33,7 @@ def boot_comfyui(device: str) -> None:
     global _booted
     if not _booted:
         work = Path(tempfile.mkdtemp(prefix="dm-family-"))
-        comfy_in_process.boot(comfyui_path(), work, cpu=device == "cpu")
+        comfy_in_process.boot(comfy_in_process.find_comfyui(PACK_ROOT)[0], work, cpu=device == "cpu")
         _booted = True
 
 

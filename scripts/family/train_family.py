@@ -711,7 +711,7 @@ def train_experts(args, preset: Preset, log: Log) -> dict:
         name = f"expert-{low:03d}-{high:03d}"
         start = time.monotonic()
         with torch.inference_mode():
-            output = training.TrainRangeExpertLoRA.execute(
+            output = training.TrainRangeExpertLoRANode.execute(
                 model, samples, positive, range_unit="timestep", range_min=float(low), range_max=float(high),
                 antithetic=True, loss_space="eps/v", steps=preset.expert_steps, batch_size=preset.expert_batch,
                 learning_rate=preset.expert_lr, rank=preset.expert_rank, seed=args.seed,
