@@ -45,6 +45,16 @@ def _no_sync() -> None:
     pass
 
 
+def device_and_sync() -> tuple:
+    """ComfyUI's torch device and a function that waits for it (a no-op on the CPU); call after
+    :func:`boot_comfyui`."""
+    import comfy.model_management as mm
+    import torch
+
+    device = mm.get_torch_device()
+    return device, (torch.cuda.synchronize if device.type == "cuda" else _no_sync)
+
+
 def time_round_robin(
     calls: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] = _no_sync
 ) -> dict[str, list[float]]:

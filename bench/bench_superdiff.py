@@ -44,7 +44,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import SD15_UNET, boot_comfyui, time_round_robin
+from bench_common import SD15_UNET, boot_comfyui, device_and_sync, time_round_robin
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "superdiff.json"
@@ -249,11 +249,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dm-bench-superdiff-"))
     try:
         boot_comfyui(work, cpu=not options.gpu)
-        import comfy.model_management as mm
         import torch
 
-        device = mm.get_torch_device()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        device, sync = device_and_sync()
         by_components = {}
         for count in options.components:
             setup = Setup(count, options.steps, options.latent, options.size)

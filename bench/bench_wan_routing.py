@@ -37,7 +37,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import boot_comfyui, markdown_against, summarize_against, time_round_robin
+from bench_common import boot_comfyui, device_and_sync, markdown_against, summarize_against, time_round_robin
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "wan_routing.json"
@@ -140,11 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="dm-bench-wan-"))
     try:
         boot_comfyui(work, cpu=not options.gpu)
-        import comfy.model_management as mm
         import torch
 
-        device = mm.get_torch_device()
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        device, synchronize = device_and_sync()
         setup = Setup(options)
         times = time_round_robin(setup.configurations(), options.repeats, synchronize)
         results = {
