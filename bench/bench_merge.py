@@ -41,7 +41,7 @@ if os.environ.get("DM_BENCH_LIBRARY"):  # --library: a scratch copy of merging/ 
     sys.path.insert(0, os.environ["DM_BENCH_LIBRARY"])  # before the helpers below put the repository first
     importlib.import_module("merging")
 
-from bench_task_vector import _io_counters, _memory, drop_from_page_cache, spawn_measured
+from bench_task_vector import _io_counters, _memory, drop_from_page_cache, measured_child, threads_environment
 from make_synthetic import CHECKPOINT_PREFIX, matches, select_keys, write_synthetic
 from sdxl_shapes import SHAPES_PATH as SDXL_SHAPES
 from sdxl_shapes import load_shapes
@@ -182,21 +182,13 @@ def measured_run(kind: str, arguments: dict, threads: str, options: argparse.Nam
     """One cold-cache subprocess run of a child; its report plus wall time and wait4's resource usage."""
     for path in [arguments["base"], *arguments["finetuned"]]:
         drop_from_page_cache(Path(path))
-    environment = dict(os.environ)
-    environment.pop("OMP_NUM_THREADS", None)
-    if threads != "default":
-        environment["OMP_NUM_THREADS"] = threads
+    environment = threads_environment(threads)
     if kind == "sd-mecha":
         environment["PYTHONPATH"] = str(options.sdmecha)
     elif options.library:
         environment["DM_BENCH_LIBRARY"] = str(options.library.resolve())
     command = [sys.executable, __file__, "child", kind, json.dumps(arguments)]
-    load_before = os.getloadavg()[0]
-    code, stdout, stderr, wall, resources = spawn_measured(command, environment)
-    if code != 0:
-        raise RuntimeError(f"{kind} merge failed (exit {code}):\n{stderr[-4000:]}")
-    run = json.loads(stdout.strip().splitlines()[-1])
-    run.update(threads=threads, wall_s=wall, load_average_1min=[load_before, os.getloadavg()[0]], **resources)
+    run = measured_child(command, environment, threads, f"{kind} merge")
     run["environment"] = {k: v for k, v in environment.items() if k.startswith(("MALLOC_", "DM_BENCH_"))}
     return run
 

@@ -32,28 +32,19 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_common import boot_comfyui, markdown_against, summarize_against, time_round_robin
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "routing.json"
 SEED = 42
 
 logger = logging.getLogger(__name__)
-
-
-def boot_comfyui(work: Path) -> None:
-    """ComfyUI on ``sys.path`` for the CPU with its writable folders under ``work``; the pack as ``diffusion_merge``."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy_in_process
-
-    comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    comfy_in_process.boot(comfyui, work)
-    comfy_in_process.import_pack()
 
 
 # -- the measured configurations ------------------------------------------------------------------------
@@ -119,21 +110,6 @@ class Setup:
         }
 
 
-def time_round_robin(calls: dict, repeats: int) -> dict[str, list[float]]:
-    """Wall seconds of each call over ``repeats`` rounds, every configuration once per round (after a warm-up);
-    every other round runs in reverse order, so no configuration always follows the same one."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for round_index in range(repeats):
-        order = list(calls.items())
-        for name, call in order if round_index % 2 == 0 else reversed(order):
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
 def router_cost(setup: Setup, runs: int = 200, calls: int = 5000) -> dict:
     """The router's own time, without any network: per run (set-up and checks) and per dispatched call.
 
@@ -192,29 +168,6 @@ def consistency(setup: Setup) -> dict:
 # -- report ---------------------------------------------------------------------------------------------
 
 
-def summarize(times: dict[str, list[float]], steps: int) -> dict:
-    """Per configuration: best and median wall time, steps/s and the difference to ``plain`` (both from the best
-    time: on a shared machine other processes only ever add time, so the minimum is the least disturbed)."""
-    best_plain = min(times["plain"])
-    return {
-        name: {
-            "best_s": min(values),
-            "median_s": statistics.median(values),
-            "steps_per_s": steps / min(values),
-            "vs_plain_pct": 100 * (min(values) / best_plain - 1),
-            "all_s": values,
-        }
-        for name, values in times.items()
-    }
-
-
-def markdown(results: dict) -> str:
-    lines = ["| configuration | steps/s (best) | time vs plain | median s |", "|---|---|---|---|"]
-    for name, row in results["configurations"].items():
-        lines.append(f"| {name} | {row['steps_per_s']:.1f} | {row['vs_plain_pct']:+.1f} % | {row['median_s']:.3f} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -243,7 +196,7 @@ def main() -> None:
             "latent": [1, 4, options.latent, options.latent],
             "boundary_step": setup.boundary_step,
             "repeats": options.repeats,
-            "configurations": summarize(times, options.steps),
+            "configurations": summarize_against(times, options.steps, "plain"),
             "router_cost": router_cost(setup),
             "consistency": consistency(setup),
             "gpu": "see bench/gpu_runtime.py (SD1.5 size, peak VRAM per memory mode)",
@@ -257,7 +210,7 @@ def main() -> None:
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2) + "\n")
     extra = {"router_cost": results["router_cost"], "consistency": results["consistency"]}
-    sys.stdout.write(markdown(results) + "\n\n" + json.dumps(extra, indent=2) + "\n")
+    sys.stdout.write(markdown_against(results["configurations"], "plain") + "\n\n" + json.dumps(extra, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,30 +44,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_common import SD15_UNET, boot_comfyui, device_and_sync, time_round_robin
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "superdiff.json"
 SEED = 42
-SD15_FULL = {  # ComfyUI's SD1.5 UNet config (comfy/model_detection.py), randomly initialised here
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
 
 logger = logging.getLogger(__name__)
-
-
-def boot_comfyui(work: Path, cpu: bool) -> None:
-    """ComfyUI on ``sys.path`` with its writable folders under ``work``; the pack imported as ``diffusion_merge``."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy_in_process
-
-    comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    comfy_in_process.boot(comfyui, work, cpu=cpu)
-    comfy_in_process.import_pack()
 
 
 # -- the measured configurations --------------------------------------------------------------------------
@@ -129,7 +112,7 @@ class Setup:
         self.runtime, self.sd, self.steps = runtime, sd, steps
         device = mm.get_torch_device()
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        config = SD15_FULL if size == "sd15" else {}
+        config = SD15_UNET if size == "sd15" else {}
         width = 768 if size == "sd15" else 64
         self.model = demo_models.build_sd15(0, dtype=dtype, **config)
         g = torch.Generator().manual_seed
@@ -167,23 +150,6 @@ class Setup:
             "superdiff_one_by_one": self._superdiff("OR", one_by_one_superdiff_class()),
             "one_by_one_call": self._floor(batched=False),
         }
-
-
-def time_round_robin(calls: dict, repeats: int, sync) -> dict[str, list[float]]:
-    """Wall seconds of each call per round, every configuration once per round after a warm-up; every other
-    round runs in reverse order, so no configuration always follows the same one."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for round_index in range(repeats):
-        order = list(calls.items())
-        for name, call in order if round_index % 2 == 0 else reversed(order):
-            sync()
-            started = time.perf_counter()
-            call()
-            sync()
-            times[name].append(time.perf_counter() - started)
-    return times
 
 
 def own_cost(count: int, latent: int, size: str, sync, steps: int = 200, rounds: int = 7) -> dict:
@@ -283,11 +249,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dm-bench-superdiff-"))
     try:
         boot_comfyui(work, cpu=not options.gpu)
-        import comfy.model_management as mm
         import torch
 
-        device = mm.get_torch_device()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        device, sync = device_and_sync()
         by_components = {}
         for count in options.components:
             setup = Setup(count, options.steps, options.latent, options.size)

@@ -198,6 +198,28 @@ def spawn_measured(command: list[str], environment: dict) -> tuple[int, str, str
         return process.returncode, stdout.read().decode(), stderr.read().decode(), wall, resources
 
 
+def threads_environment(threads: str) -> dict:
+    """``os.environ`` with OMP_NUM_THREADS set to ``threads``, or unset (torch's default) for ``"default"``."""
+    environment = dict(os.environ)
+    environment.pop("OMP_NUM_THREADS", None)
+    if threads != "default":
+        environment["OMP_NUM_THREADS"] = threads
+    return environment
+
+
+def measured_child(command: list[str], environment: dict, threads: str, what: str) -> dict:
+    """Run a child that prints its report as the last line of stdout: the report plus the thread setting, wall
+    time, the load average before and after, and wait4's resource usage (shared with ``bench_merge.py``)."""
+    load_before = os.getloadavg()[0]
+    code, stdout, stderr, wall, resources = spawn_measured(command, environment)
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit {code}):\n{stderr[-4000:]}")
+    run = json.loads(stdout.strip().splitlines()[-1])
+    # other users' processes share the CPUs: the 1-minute load average tells how noisy a run was
+    run.update(threads=threads, wall_s=wall, load_average_1min=[load_before, os.getloadavg()[0]], **resources)
+    return run
+
+
 def verify(out: Path, finetuned: Path, base: Path, shapes, dtype: torch.dtype) -> dict:
     """Compare a few saved keys (evenly spread, plus the largest) with (finetuned − base) rounded to ``dtype``."""
     saved, ft_file, base_file = SafetensorsFile(out), SafetensorsFile(finetuned), SafetensorsFile(base)
@@ -324,21 +346,10 @@ def measure(run_args: argparse.Namespace) -> dict:
 def measured_run(finetuned: Path, base: Path, out: Path, dtype: str, threads: str, profile_out=None) -> dict:
     for path in (finetuned, base):
         drop_from_page_cache(path)
-    environment = dict(os.environ)
-    environment.pop("OMP_NUM_THREADS", None)
-    if threads != "default":
-        environment["OMP_NUM_THREADS"] = threads
     command = [sys.executable, __file__, "--child", str(finetuned), str(base), str(out), "--dtype", dtype]
     if profile_out:
         command += ["--profile-out", str(profile_out)]
-    load_before = os.getloadavg()[0]
-    code, stdout, stderr, wall, resources = spawn_measured(command, environment)
-    if code != 0:
-        raise RuntimeError(f"extraction failed (exit {code}):\n{stderr}")
-    run = json.loads(stdout.strip().splitlines()[-1])
-    # other users' processes share the CPUs: the 1-minute load average tells how noisy a run was
-    run.update(threads=threads, wall_s=wall, load_average_1min=[load_before, os.getloadavg()[0]], **resources)
-    return run
+    return measured_child(command, threads_environment(threads), threads, "extraction")
 
 
 def main() -> None:

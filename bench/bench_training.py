@@ -43,19 +43,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_common import SD15_UNET, boot_comfyui
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "training.json"
 
-# The SD1.5 UNet as ComfyUI detects it from the v1-5 checkpoint (plus the demo builder's tiny defaults).
-SD15_UNET = {
-    "model_channels": 320,
-    "channel_mult": [1, 2, 4, 4],
-    "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
 CONFIGURATIONS = {
     "plain": {},
     "consistency": {"consistency_weight": 1.0},
@@ -71,15 +63,6 @@ ABLATION = {
 ABLATION_RANGES = {"low noise (t 0-250)": (0, 250), "high noise (t 750-1000)": (750, 1000)}
 
 logger = logging.getLogger(__name__)
-
-
-def boot_comfyui(work: Path, device: str) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy_in_process
-
-    comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    comfy_in_process.boot(comfyui, work, cpu=device == "cpu")
-    comfy_in_process.import_pack()
 
 
 def build_model(name: str, seed: int = 0, variant: str = "base"):
@@ -299,7 +282,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="dm-bench-training-"))
     try:
-        boot_comfyui(work, options.device)
+        boot_comfyui(work, cpu=options.device == "cpu")
         import comfy.utils
 
         comfy.utils.PROGRESS_BAR_ENABLED = False

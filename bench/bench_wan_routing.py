@@ -32,28 +32,18 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from bench_common import boot_comfyui, device_and_sync, markdown_against, summarize_against, time_round_robin
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = ROOT / "bench" / "results" / "wan_routing.json"
 SEED, CFG, SHIFT, BOUNDARY = 42, 3.5, 8.0, 0.875
 
 logger = logging.getLogger(__name__)
-
-
-def boot_comfyui(work: Path, gpu: bool) -> None:
-    """ComfyUI on ``sys.path`` with its writable folders under ``work``; the pack as ``diffusion_merge``."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy_in_process
-
-    comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    comfy_in_process.boot(comfyui, work, cpu=not gpu)
-    comfy_in_process.import_pack()
 
 
 class Setup:
@@ -127,46 +117,6 @@ class Setup:
         }
 
 
-def time_round_robin(calls: dict, repeats: int, synchronize) -> dict[str, list[float]]:
-    """Wall seconds of each call over ``repeats`` rounds, every configuration once per round (after a warm-up);
-    every other round runs in reverse order, so no configuration always follows another."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():
-        call()
-    for round_index in range(repeats):
-        order = list(calls.items())
-        for name, call in order if round_index % 2 == 0 else reversed(order):
-            synchronize()
-            started = time.perf_counter()
-            call()
-            synchronize()
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
-def summarize(times: dict[str, list[float]], steps: int) -> dict:
-    """Best and median wall time, steps/s and the difference to the chain (from the best times: on a shared machine
-    other processes only ever add time)."""
-    chained = min(times["chained"])
-    return {
-        name: {
-            "best_s": min(values),
-            "median_s": statistics.median(values),
-            "steps_per_s": steps / min(values),
-            "vs_chained_pct": 100 * (min(values) / chained - 1),
-            "all_s": values,
-        }
-        for name, values in times.items()
-    }
-
-
-def markdown(results: dict) -> str:
-    lines = ["| configuration | steps/s (best) | time vs chained | median s |", "|---|---|---|---|"]
-    for name, row in results["configurations"].items():
-        lines.append(f"| {name} | {row['steps_per_s']:.1f} | {row['vs_chained_pct']:+.1f} % | {row['median_s']:.3f} |")
-    return "\n".join(lines)
-
-
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -189,12 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="dm-bench-wan-"))
     try:
-        boot_comfyui(work, options.gpu)
-        import comfy.model_management as mm
+        boot_comfyui(work, cpu=not options.gpu)
         import torch
 
-        device = mm.get_torch_device()
-        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        device, synchronize = device_and_sync()
         setup = Setup(options)
         times = time_round_robin(setup.configurations(), options.repeats, synchronize)
         results = {
@@ -213,14 +161,15 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": options.steps,
             "latent": list(setup.latent["samples"].shape),
             "repeats": options.repeats,
-            "configurations": summarize(times, options.steps),
+            "configurations": summarize_against(times, options.steps, "chained"),
             "consistency": setup.consistency(),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2) + "\n")
-    sys.stdout.write(markdown(results) + "\n\n" + json.dumps(results["consistency"], indent=2) + "\n")
+    table = markdown_against(results["configurations"], "chained")
+    sys.stdout.write(table + "\n\n" + json.dumps(results["consistency"], indent=2) + "\n")
     return results
 
 

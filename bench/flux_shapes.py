@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sdxl_shapes import parse_options, write_shape_table
+from sdxl_shapes import run
 
 SHAPES_PATH = Path(__file__).with_name("flux_unet_shapes.json")
 
@@ -69,10 +69,8 @@ def shapes_from_comfyui(comfyui: Path) -> dict[str, tuple[int, ...]]:
 
 
 def main() -> None:
-    options = parse_options(SHAPES_PATH, __doc__)
-    shapes = shapes_from_comfyui(options.comfyui.resolve())
     model = "FLUX.1-dev transformer (ComfyUI comfy.ldm.flux.model.Flux, comfy/model_detection.py Flux config)"
-    write_shape_table(shapes, options.out, EXPECTED_PARAMETERS, model)
+    run(SHAPES_PATH, __doc__, shapes_from_comfyui, EXPECTED_PARAMETERS, model)
 
 
 if __name__ == "__main__":

@@ -49,20 +49,11 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_common import SD15_UNET, boot_comfyui
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 42
 
-SD15_UNET = {  # SD1.5's UNet as ComfyUI detects it (model_detection: 859,520,964 parameters)
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    # UNetModel pops this list from the END for output blocks 0, 1, …: blocks 0-2 (the 1280-channel level) have
-    # no attention, so the zeros go last (reversing it builds another network).
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
 SD15_PARAMETERS = 859_520_964
 
 
@@ -87,12 +78,7 @@ class Sizes:
 
 
 def boot(work: Path, dry_run: bool) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import comfy_in_process
-
-    comfyui = Path(os.environ.get("COMFYUI_PATH", ROOT.parent / "shared" / "ComfyUI")).resolve()
-    comfy_in_process.boot(comfyui, work, cpu=dry_run)
-    comfy_in_process.import_pack()
+    boot_comfyui(work, cpu=dry_run)
     import comfy.utils
 
     if hasattr(comfy.utils, "set_progress_bar_enabled"):

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -103,19 +104,26 @@ def write_shape_table(shapes: dict, out: Path, expected_parameters: int, model: 
     logger.info("%d keys, %s parameters → %s", len(shapes), f"{parameters:,}", out)
 
 
-def parse_options(shapes_path: Path, description: str) -> argparse.Namespace:
+def run(
+    shapes_path: Path,
+    description: str,
+    read_shapes: Callable[[Path], dict[str, tuple[int, ...]]],
+    expected_parameters: int,
+    model: str,
+) -> None:
+    """A shape script's command line (shared with ``flux_shapes.py``): ``read_shapes`` from the ComfyUI at
+    ``--comfyui``, checked and written to ``--out`` (default ``shapes_path``)."""
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("--comfyui", type=Path, default=Path(os.environ.get("COMFYUI_PATH", DEFAULT_COMFYUI)))
     parser.add_argument("--out", type=Path, default=shapes_path)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return parser.parse_args()
+    options = parser.parse_args()
+    write_shape_table(read_shapes(options.comfyui.resolve()), options.out, expected_parameters, model)
 
 
 def main() -> None:
-    options = parse_options(SHAPES_PATH, __doc__)
-    shapes = shapes_from_comfyui(options.comfyui.resolve())
     model = "SDXL base UNet (ComfyUI UNetModel, comfy/model_detection.py SDXL config)"
-    write_shape_table(shapes, options.out, EXPECTED_PARAMETERS, model)
+    run(SHAPES_PATH, __doc__, shapes_from_comfyui, EXPECTED_PARAMETERS, model)
 
 
 if __name__ == "__main__":

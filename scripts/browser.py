@@ -97,6 +97,10 @@ class Editor:
     def _on_console(self, message) -> None:
         self.messages.append(ConsoleMessage(message.type, message.text, message.location.get("url", "")))
 
+    def errors_from(self, fragment: str) -> list[ConsoleMessage]:
+        """Console errors and uncaught exceptions so far whose script URL, stack or text mentions ``fragment``."""
+        return [m for m in self.messages if m.kind in ("error", "pageerror") and m.mentions(fragment)]
+
     # -- the graph
 
     def evaluate(self, script: str, argument: Any = None) -> Any:

@@ -216,6 +216,22 @@ class ComfyServer:
         raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
 
 
+class Prompt:
+    """An API-format prompt built node by node; ``add`` returns the node id, ``out(id, slot)`` a link."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+    @staticmethod
+    def out(node_id: str, slot: int = 0) -> list:
+        return [node_id, slot]
+
+
 def execution_error(entry: dict) -> dict | None:
     """The ``execution_error`` message of a finished history entry, or None when it succeeded."""
     for event, data in entry.get("status", {}).get("messages", []):

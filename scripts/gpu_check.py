@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from comfy_server import ComfyServer, ServerError, execution_error
+from comfy_server import ComfyServer, Prompt, ServerError, execution_error
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DYNAMIC_ON = "DynamicVRAM support detected and enabled"
@@ -65,16 +65,6 @@ DRY = Sizes("tiny", 64, 3, 4, 2, "fp32", False, 300.0)
 
 # -- models (child process: ComfyUI in process) ---------------------------------------------------------
 
-SD15_FULL = {  # ComfyUI's SD1.5 UNet config (comfy/model_detection.py)
-    "model_channels": 320,
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "transformer_depth_middle": 1,
-    "context_dim": 768,
-}
-
 
 def make_models(folder: Path, size: str) -> None:
     """Write ``diffusion_models/{base,finetune}.safetensors`` and ``text_encoders/clip_l.safetensors``."""
@@ -82,15 +72,17 @@ def make_models(folder: Path, size: str) -> None:
 
     comfy_in_process.boot(Path(os.environ["COMFYUI_PATH"]), Path(tempfile.mkdtemp(prefix="dm-gpu-models-")))
     comfy_in_process.import_pack()
+    sys.path.insert(0, str(PACK_ROOT / "bench"))  # bench_common: the SD1.5 UNet config the benchmarks use too
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
     import safetensors.torch
     import torch
+    from bench_common import SD15_UNET
 
     from diffusion_merge.nodes import compat, demo_models
 
-    config = SD15_FULL if size == "sd15" else {k: v for k, v in demo_models.SD15_DETECTABLE.items()}
+    config = SD15_UNET if size == "sd15" else {k: v for k, v in demo_models.SD15_DETECTABLE.items()}
     (folder / "diffusion_models").mkdir(parents=True, exist_ok=True)
     (folder / "text_encoders").mkdir(parents=True, exist_ok=True)
     for name, variant in (("base", "base"), ("finetune", "finetune-d")):  # finetune-d changes every weight
@@ -108,22 +100,6 @@ def make_models(folder: Path, size: str) -> None:
 
 
 # -- prompts ----------------------------------------------------------------------------------------------
-
-
-class Prompt:
-    """An API-format prompt built node by node; ``add`` returns the node id, ``out(id, slot)`` a link."""
-
-    def __init__(self):
-        self.nodes: dict[str, dict] = {}
-
-    def add(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-    @staticmethod
-    def out(node_id: str, slot: int = 0) -> list:
-        return [node_id, slot]
 
 
 def _common(prompt: Prompt, sizes: Sizes, batch: int = 1) -> dict[str, list]:

@@ -275,3 +275,34 @@ def run_prompt(comfyui):
         return executor.history_result["outputs"]
 
     return run
+
+
+# ComfyUI's scripts/app.js as the pack's web extensions use it: registering an extension only records it
+JS_APP = "export const app = { registerExtension(extension) { globalThis.extension = extension; } };"
+
+
+@pytest.fixture
+def run_web_extension(tmp_path):
+    """Run one of the pack's web extensions in Node.js against stand-ins of ComfyUI's frontend modules.
+
+    Returns ``run(script, harness, **stand_ins) -> dict``: ``web/js/<script>`` is copied to
+    ``extensions/pack/js/<script>`` under ``tmp_path``, ``scripts/app.js`` records the registered extension,
+    ``scripts/<name>.js`` holds each further stand-in, and ``harness`` (an ES module) runs from ``tmp_path``; the
+    result is the JSON on the last line it prints.
+    """
+    import json
+    import subprocess
+
+    def run(script: str, harness: str, **stand_ins: str) -> dict:
+        pack_js = tmp_path / "extensions" / "pack" / "js"
+        pack_js.mkdir(parents=True)
+        shutil.copy(PACK_ROOT / "web" / "js" / script, pack_js / script)
+        (tmp_path / "scripts").mkdir()
+        for name, source in {"app": JS_APP, **stand_ins}.items():
+            (tmp_path / "scripts" / f"{name}.js").write_text(source)
+        (tmp_path / "run.mjs").write_text(harness)
+        command = ["node", "run.mjs"]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run

@@ -17,6 +17,7 @@ import pytest
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
+BROWSER_ARTIFACTS = PACK_ROOT / "test-artifacts" / "browser"
 
 
 def load_script(name: str) -> ModuleType:
@@ -50,6 +51,15 @@ def workflows() -> ModuleType:
 def browser_script() -> ModuleType:
     """``scripts/browser.py``: ``Editor`` (ComfyUI's frontend in headless Chromium) and ``chromium_path``."""
     return load_script("browser")
+
+
+@pytest.fixture(scope="module")
+def editor(server, browser_script):
+    """The ComfyUI editor of ``server`` in headless Chromium (one per test module); screenshots go to
+    ``BROWSER_ARTIFACTS``."""
+    BROWSER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with browser_script.Editor(server.url) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="session")

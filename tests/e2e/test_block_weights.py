@@ -110,16 +110,9 @@ def test_route_refuses_bad_queries_with_a_message(server, model_files, query, st
 # -- the editor ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def editor(server, browser_script):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with browser_script.Editor(server.url) as opened:
-        yield opened
-
-
 def our_errors(editor, server) -> list:
-    ours = f"/extensions/{server.pack_folder}/"
-    return [m for m in editor.messages if m.kind in ("error", "pageerror") and m.mentions(ours)]
+    """Console errors and uncaught exceptions that come from the pack's own scripts."""
+    return editor.errors_from(f"/extensions/{server.pack_folder}/")
 
 
 def load_example(editor, checkpoint: str | None = None) -> tuple[dict, int, int]:

@@ -25,17 +25,9 @@ ARTIFACTS = PACK_ROOT / "test-artifacts" / "browser"
 SERIES_COLORS = [(0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B)]  # the first two colours of routing.js / superdiff.js
 
 
-@pytest.fixture(scope="module")
-def editor(server, browser_script):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with browser_script.Editor(server.url) as opened:
-        yield opened
-
-
 def our_errors(editor, server) -> list:
     """Console errors and uncaught exceptions that come from the pack's own scripts."""
-    ours = f"/extensions/{server.pack_folder}/"
-    return [m for m in editor.messages if m.kind in ("error", "pageerror") and m.mentions(ours)]
+    return editor.errors_from(f"/extensions/{server.pack_folder}/")
 
 
 def colored_pixels(png: bytes, color: tuple[int, int, int], tolerance: int = 12) -> int:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +27,16 @@ import torch
 pytestmark = pytest.mark.server
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
+# the prompt builder scripts/gpu_check.py uses too (comfy_server imports only the standard library)
+if str(PACK_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(PACK_ROOT / "scripts"))
+from comfy_server import Prompt  # noqa: E402
+
 PEAK_RSS_GROWTH_LIMIT = 1 << 30
 NAN, INF = float("nan"), float("inf")
 
 
 # -- prompts ----------------------------------------------------------------------------------------------
-
-
-class Prompt:
-    """An API prompt built node by node; ``add`` returns the node id, ``out(id, slot)`` a link."""
-
-    def __init__(self):
-        self.nodes: dict[str, dict] = {}
-
-    def add(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self.nodes) + 1)
-        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-    @staticmethod
-    def out(node_id: str, slot: int = 0) -> list:
-        return [node_id, slot]
 
 
 def with_defaults(prompt: dict, object_info: dict) -> dict:

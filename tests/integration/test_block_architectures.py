@@ -8,10 +8,19 @@ groups of the architecture's preset (the web editor's sliders for a model it can
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from diffusion_merge.merging import blocks
+
+# The SDXL and Flux-dev configs are the ones bench/'s shape tables are built from (those modules import only the
+# standard library; flux_shapes imports sdxl_shapes, so bench/ goes on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from flux_shapes import FLUX_DEV_CONFIG as FLUX_DEV
+from sdxl_shapes import SDXL_UNET_CONFIG as SDXL_UNET
 
 SD15_UNET = {
     "use_checkpoint": False,
@@ -33,20 +42,6 @@ SD15_UNET = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
 }
-SDXL_UNET = {
-    **SD15_UNET,
-    "num_classes": "sequential",
-    "adm_in_channels": 2816,
-    "num_res_blocks": [2, 2, 2],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10,
-    "use_linear_in_transformer": True,
-    "context_dim": 2048,
-    "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-}
-del SDXL_UNET["num_heads"]
 SDXL_REFINER_UNET = {
     **SDXL_UNET,
     "adm_in_channels": 2560,
@@ -75,24 +70,6 @@ def _mmdit(depth: int, width: int, **extra) -> dict:
         "pos_embed_scaling_factor": None,
         **extra,
     }
-
-
-FLUX_DEV = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "patch_size": 2,
-    "vec_in_dim": 768,
-    "context_in_dim": 4096,
-    "hidden_size": 3072,
-    "mlp_ratio": 4.0,
-    "num_heads": 24,
-    "depth": 19,
-    "depth_single_blocks": 38,
-    "axes_dim": [16, 56, 56],
-    "theta": 10000,
-    "qkv_bias": True,
-    "guidance_embed": True,
-}
 
 
 def _wan(dim: int, ffn: int, layers: int, model_type: str = "t2v", in_dim: int = 16, out_dim: int = 16) -> dict:

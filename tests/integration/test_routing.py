@@ -6,7 +6,6 @@ import asyncio
 import json
 import math
 import shutil
-import subprocess
 import sys
 import types
 import urllib.parse
@@ -662,7 +661,6 @@ preview.draw(ctx, routed, 320, 40);
 console.log(JSON.stringify({ saved, prompt, fetched: globalThis.fetched, state: routed.dmPreview.data }));
 """
 
-JS_APP = "export const app = { registerExtension(extension) { globalThis.extension = extension; } };"
 JS_API = """export const api = { async fetchApi(url) { globalThis.fetched.push(url);
   return { ok: true, json: async () => ({ sigmas: [14.6, 1.0, 0], step_experts: [0, 1], ends_sigma: [0.875, 0],
     spans: [{ expert: 0, first: 0, last: 0 }, { expert: 1, first: 1, last: 1 }],
@@ -671,17 +669,9 @@ JS_API = """export const api = { async fetchApi(url) { globalThis.fetched.push(u
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_preview_widget_is_not_serialised_and_asks_the_route(tmp_path):
+def test_preview_widget_is_not_serialised_and_asks_the_route(run_web_extension):
     """The widget stays out of widgets_values and API prompts, and queries the route with the chain's ends."""
-    pack_js = tmp_path / "extensions" / "pack" / "js"
-    pack_js.mkdir(parents=True)
-    shutil.copy(PACK_ROOT / "web" / "js" / "routing.js", pack_js / "routing.js")
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "app.js").write_text(JS_APP)
-    (tmp_path / "scripts" / "api.js").write_text(JS_API)
-    (tmp_path / "run.mjs").write_text(JS_HARNESS)
-    done = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_web_extension("routing.js", JS_HARNESS, api=JS_API)
     assert result["saved"] == ["resident"] and result["prompt"] == ["memory_mode"]
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(result["fetched"][0]).query)
     assert query["ends"] == ["0.875,0"] and query["units"] == ["sigma,sigma"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import comfy.latent_formats
@@ -423,16 +422,10 @@ node.onDrawForeground(ctx);
 console.log(JSON.stringify({ idle, drawn: calls.length - idle, widgets: JSON.stringify(node.widgets) === before,
   height: node.size[1], strokes: calls.filter((c) => c === "stroke").length }));
 """
-JS_APP = "export const app = { registerExtension(extension) { globalThis.extension = extension; } };"
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_trace_plot_is_drawn_without_touching_the_widgets(tmp_path):
-    pack_js = tmp_path / "extensions" / "pack" / "js"
-    pack_js.mkdir(parents=True)
-    shutil.copy(PACK_ROOT / "web" / "js" / "superdiff.js", pack_js / "superdiff.js")
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "app.js").write_text(JS_APP)
+def test_trace_plot_is_drawn_without_touching_the_widgets(run_web_extension):
     trace = sd.SuperDiffTrace(
         mode="OR",
         kind="ve",
@@ -442,8 +435,6 @@ def test_trace_plot_is_drawn_without_touching_the_widgets(tmp_path):
         kappa=torch.rand(10, 2, 2, dtype=torch.float64),
         log_density=torch.randn(11, 2, 2, dtype=torch.float64),
     )
-    (tmp_path / "run.mjs").write_text(JS_HARNESS.replace("PLOT", json.dumps(trace.plot_data())))
-    done = subprocess.run(["node", "run.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_web_extension("superdiff.js", JS_HARNESS.replace("PLOT", json.dumps(trace.plot_data())))
     assert result["idle"] == 0 and result["drawn"] > 0 and result["strokes"] >= 4
     assert result["widgets"] and result["height"] > 200

@@ -218,7 +218,10 @@ def test_drm_on_the_accelerator_path_matches_the_cpu_svd(monkeypatch, params):
     monkeypatch.setattr(devices, "batched_kernels", lambda device: True)
     batched = merge_task_vectors(tvs, "drm", device="cpu", **params)
     for key in cpu:
-        torch.testing.assert_close(batched[key], cpu[key], rtol=1e-4, atol=1e-5, msg=key)
+        # an fp32 SVD's error scales with the matrix's norm, not with each entry: entries near zero get the
+        # absolute share (LAPACK's kernels, and so the last bits, differ between CPUs)
+        scale = max(1.0, cpu[key].abs().max().item())
+        torch.testing.assert_close(batched[key], cpu[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
 
 
 @pytest.mark.parametrize(("method", "params"), CASES)
