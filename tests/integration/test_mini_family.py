@@ -178,7 +178,13 @@ def test_streaming_save_of_a_merge_loads_back(comfyui, run_prompt):
         "3": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["2", 0], "ratio": 0.5}},
         "4": {
             "class_type": "DM_SaveCheckpointStreaming",
-            "inputs": {"model": ["3", 0], "clip": ["1", 1], "vae": ["1", 2], "filename_prefix": "checkpoints/mini_ab"},
+            "inputs": {
+                "model": ["3", 0],
+                "clip": ["1", 1],
+                "vae": ["1", 2],
+                "filename_prefix": "checkpoints/mini_ab",
+                "dtype": "fp16",
+            },
         },
     }
     run_prompt(prompt)
