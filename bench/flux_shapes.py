@@ -9,10 +9,15 @@ read only that JSON, so they run without ComfyUI::
     .venv/bin/python bench/flux_shapes.py [--comfyui ../shared/ComfyUI]
 
 Keys are named as in the model's own ``state_dict`` (``double_blocks.0.img_attn.qkv.weight`` …).
+
+The committed table comes from ComfyUI 0.3.64, whose module names match Flux files. ComfyUI 0.33.0 names the
+QK-norms' parameters ``…norm.weight`` in memory (files say ``…norm.scale``; its loader renames them), so a
+table written there differs in those 152 keys.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -52,11 +57,16 @@ def shapes_from_comfyui(comfyui: Path) -> dict[str, tuple[int, ...]]:
     import comfy.ops
     import comfy.supported_models
     import torch
-    from comfy.ldm.flux.model import Flux
+    from comfy.ldm.flux.model import Flux, FluxParams
 
-    model = Flux(
-        **FLUX_DEV_CONFIG, dtype=torch.bfloat16, device=torch.device("meta"), operations=comfy.ops.disable_weight_init
-    )
+    # newer ComfyUI requires fields flux-dev's config predates: the pack's compatibility module fills them in
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import comfy_in_process
+
+    comfy_in_process.import_pack()
+    compat = importlib.import_module(f"{comfy_in_process.PACK_PACKAGE}.nodes.compat")
+    config = compat.complete_dit_config(FLUX_DEV_CONFIG, FluxParams)
+    model = Flux(**config, dtype=torch.bfloat16, device=torch.device("meta"), operations=comfy.ops.disable_weight_init)
     state = model.state_dict()
     detected = comfy.model_detection.model_config_from_unet(state, "")
     if type(detected) is not comfy.supported_models.Flux:
