@@ -107,3 +107,15 @@ def add_get_route(path: str, handler) -> bool:
         return False
     instance.routes.get(path)(handler)
     return True
+
+
+def without_missing_key_log(function, *args):
+    """``function(*args)`` with the root logger at ERROR: ComfyUI logs "missing keys" for models built without a
+    state dict (the demo models) or checked by the caller instead (the mini family)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return function(*args)
+    finally:
+        root.setLevel(level)

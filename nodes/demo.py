@@ -3,12 +3,11 @@ older tiny seeded checkpoint built in memory (kept so that saved workflows still
 
 from __future__ import annotations
 
-import logging
-
 import folder_paths
 
 from ..merging.family_data import CLASS_NAMES, COLOUR_NAMES
 from . import demo_models, mini_models
+from .common import without_missing_key_log
 from .compat import io
 from .types import CATEGORY
 
@@ -56,13 +55,7 @@ class DemoCheckpointLoaderNode(io.ComfyNode):
     def execute(cls, variant="base", seed=0):
         model = demo_models.build_sd15(seed, variant)
         clip = demo_models.build_clip(seed, variant)
-        vae_logger = logging.getLogger()
-        level = vae_logger.level
-        vae_logger.setLevel(logging.ERROR)  # the VAE is built without a state dict: silence "missing keys"
-        try:
-            vae = demo_models.build_vae(seed)
-        finally:
-            vae_logger.setLevel(level)
+        vae = without_missing_key_log(demo_models.build_vae, seed)  # built without a state dict
         return io.NodeOutput(model, clip, vae)
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
-
 from . import demo_models
+from .common import without_missing_key_log
 from .compat import io
 from .types import CATEGORY
 
@@ -48,13 +47,7 @@ class DemoWanLoaderNode(io.ComfyNode):
     def execute(cls, expert="high_noise", seed=0):
         model = demo_models.build_wan(seed, expert)
         clip = demo_models.build_clip(seed)
-        vae_logger = logging.getLogger()
-        level = vae_logger.level
-        vae_logger.setLevel(logging.ERROR)  # the VAE is built without a state dict: silence "missing keys"
-        try:
-            vae = demo_models.build_video_vae(seed)
-        finally:
-            vae_logger.setLevel(level)
+        vae = without_missing_key_log(demo_models.build_video_vae, seed)  # built without a state dict
         return io.NodeOutput(model, clip, vae)
 
 

@@ -38,6 +38,7 @@ import comfy.utils
 import torch
 
 from ..merging.io import SafetensorsFile
+from .common import without_missing_key_log
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "mini_models"
 MANIFEST = "family.json"
@@ -263,21 +264,10 @@ def load_clip(clip_sd: dict, name: str) -> comfy.sd.CLIP:
 
 
 def load_vae(vae_sd: dict, name: str) -> comfy.sd.VAE:
-    vae = _quiet(build_vae, vae_sd, detect_vae_ddconfig(vae_sd))
+    vae = without_missing_key_log(build_vae, vae_sd, detect_vae_ddconfig(vae_sd))
     expected = set(vae.first_stage_model.state_dict())
     _check_keys(name, "VAE", expected, set(vae_sd))
     return vae
-
-
-def _quiet(function, *args):
-    """Run ``function`` with ComfyUI's "missing keys" log silenced (the keys are checked here instead)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        return function(*args)
-    finally:
-        root.setLevel(level)
 
 
 def _check_keys(name: str, part: str, expected: set[str], found: set[str]) -> None:
