@@ -52,6 +52,16 @@ def pack(name: str):
     return importlib.import_module(f"diffusion_merge.{name}")
 
 
+_NODES: dict = {}
+
+
+def node(node_id: str):
+    """The pack's node class registered as ``node_id`` (node ids never change; class names and modules may)."""
+    if not _NODES:
+        _NODES.update({cls.define_schema().node_id: cls for cls in pack("nodes").ALL_NODES})
+    return _NODES[node_id]
+
+
 def common_arguments(parser: argparse.ArgumentParser, default_out: str, seeds: int = 3) -> None:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="the family folder (default mini_models/)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / default_out, help="results JSON")
@@ -189,9 +199,8 @@ def latent_scale() -> float:
 
 def superdiff_latents(components, count: int, seed: int, steps: int, mode: str, temperature: float = 1.0, **extra):
     """``count`` latents from the SuperDiff KSampler node (DM_SuperDiffKSampler) over ``components``."""
-    superdiff = pack("nodes.superdiff")
     latent = {"samples": torch.zeros(count, 4, 4, 4)}
-    output = superdiff.SuperDiffKSampler.execute(
+    output = node("DM_SuperDiffKSampler").execute(
         components, latent, seed=seed, steps=steps, scheduler="normal", denoise=1.0, mode=mode,
         temperature=temperature, **extra,
     )  # fmt: skip
@@ -200,13 +209,14 @@ def superdiff_latents(components, count: int, seed: int, steps: int, mode: str, 
 
 def components(family: Family, pairs, cfg: float, negative: str = ""):
     """A SuperDiff component chain (DM_SuperDiffComponent) of (model, prompt) pairs, each with CFG ``cfg``."""
-    superdiff = pack("nodes.superdiff")
     chain = None
     negative_cond = family.encode(negative) if cfg != 1.0 else None
     for model, prompt in pairs:
-        chain = superdiff.SuperDiffComponent.execute(
-            model, family.encode(prompt), components=chain, negative=negative_cond, cfg=cfg
-        ).result[0]
+        chain = (
+            node("DM_SuperDiffComponent")
+            .execute(model, family.encode(prompt), components=chain, negative=negative_cond, cfg=cfg)
+            .result[0]
+        )
     return chain
 
 
