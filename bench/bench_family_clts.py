@@ -1,7 +1,7 @@
 """CLTS / MDLRC ("Towards Faster Training of Diffusion Models", arXiv 2404.07946) on the mini family: training
 steps to reach a fixed cFID with and without. One command::
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_clts.py     # ≈ 25 min of one core
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_clts.py  # ≈ 11 min (+ encoding the training set once)
     .venv/bin/python bench/bench_family_clts.py --quick                     # seconds (the test runs it)
 
 The paper trains diffusion models from scratch and reports ≈ 2× fewer steps to the same FID with its timestep
@@ -209,11 +209,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fc.common_arguments(parser, "family_clts.json", seeds=2)
     parser.add_argument("--steps", type=int, default=150, help="training steps per run")
-    parser.add_argument("--every", type=int, default=10, help="checkpoint (cFID) every N steps")
+    parser.add_argument("--every", type=int, default=15, help="checkpoint (cFID) every N steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=4096, help="training latents")
-    parser.add_argument("--samples", type=int, default=80, help="pictures per checkpoint")
+    parser.add_argument("--samples", type=int, default=64, help="pictures per checkpoint")
     parser.add_argument(
         "--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS), help="which runs"
     )

@@ -190,7 +190,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fc.common_arguments(parser, "family_deme.json")
-    parser.add_argument("--per-class", type=int, default=20, help="pictures per garment and seed")
+    parser.add_argument("--per-class", type=int, default=12, help="pictures per garment and seed")
     parser.add_argument("--plain-steps", type=int, default=4 * EXPERT_TRAINING["steps"], help="plain LoRA's steps")
     args = parser.parse_args(argv)
     if args.quick:
