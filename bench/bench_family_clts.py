@@ -10,7 +10,7 @@ training run through the pack's own trainer (DM_TrainRangeExpertLoRA) with the p
 (DM_TimestepCurriculum and DM_MomentumDecay at their defaults — documented reconstructions, the paper's formulas
 are not public): a rank-8 LoRA of base over all timesteps (0–1000) that teaches base's *unconditional* prompt
 (``""``) to draw footwear only (sandal, sneaker, ankle boot: 4096 training latents, captioned ``""``), AdamW,
-lr 10⁻³, batch 32, ε loss, fp32, 150 steps (2 seeds) — the same for every configuration:
+lr 10⁻³, batch 32, ε loss, fp32, 240 steps (2 seeds) — the same for every configuration:
 
 - **uniform** timesteps, constant β₁ (the baseline);
 - **CLTS** (curriculum), **MDLRC** (momentum decay), **CLTS + MDLRC**.
@@ -208,8 +208,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fc.common_arguments(parser, "family_clts.json", seeds=2)
-    parser.add_argument("--steps", type=int, default=150, help="training steps per run")
-    parser.add_argument("--every", type=int, default=15, help="checkpoint (cFID) every N steps")
+    parser.add_argument("--steps", type=int, default=240, help="training steps per run")
+    parser.add_argument("--every", type=int, default=20, help="checkpoint (cFID) every N steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--images", type=int, default=4096, help="training latents")

@@ -267,7 +267,17 @@ def _with_labels(picture, labels: list[str], row_height: int):
 
 
 def _ascii(text: str) -> str:
-    for old, new in (("κ", "kappa"), ("½", "1/2"), ("λ", "lambda"), ("×", "x"), ("–", "-"), ("→", "->"), ("±", "+-")):
+    for old, new in (
+        ("κ", "kappa"),
+        ("½", "1/2"),
+        ("⅓", "1/3"),
+        ("¼", "1/4"),
+        ("λ", "lambda"),
+        ("×", "x"),
+        ("–", "-"),
+        ("→", "->"),
+        ("±", "+-"),
+    ):
         text = text.replace(old, new)
     return text.encode("ascii", "replace").decode()
 
