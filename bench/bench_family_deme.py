@@ -1,8 +1,9 @@
 """DeMe (Decouple-Then-Merge, arXiv 2410.06664) on the mini family: merged range experts vs their routed
 ensemble vs base vs one plain fine-tune over all timesteps with the same training budget. One command::
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_deme.py      # ≈ 12 min on the shared CPU (7 of
-                                                                           # them train the plain LoRA, cached)
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_deme.py      # ≈ 10 min the first time (4 of them
+                                                                           # encode the training set, 4 train the
+                                                                           # plain LoRA: both cached), 3 after
     .venv/bin/python bench/bench_family_deme.py --quick                     # seconds (the test runs it)
 
 The paper (LSUN Church, FID): merge 7.27 < ensemble 9.57 < base 10.69. Here the family's four range experts

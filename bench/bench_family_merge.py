@@ -2,7 +2,7 @@
 
 One command::
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_merge.py            # ≈ 9 min on the shared CPU
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_merge.py            # ≈ 7 min on the shared CPU
     .venv/bin/python bench/bench_family_merge.py --quick                            # seconds (the test runs it)
 
 The three fine-tunes of base on disjoint garment groups — ``tops`` (t-shirt, pullover, coat, shirt),

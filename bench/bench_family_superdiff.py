@@ -1,8 +1,8 @@
 """SuperDiff's claims (arXiv 2412.17762) on the mini family: OR (Table 1) and AND (Table 2). One command each::
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_superdiff.py or    # ≈ 15 min on the shared CPU
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_superdiff.py and   # ≈ 9 min
-    .venv/bin/python bench/bench_family_superdiff.py or --quick                   # seconds (the test runs it)
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_superdiff.py or           # ≈ 10 min (load 6)
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/bench_family_superdiff.py and --seeds 5  # ≈ 7 min
+    .venv/bin/python bench/bench_family_superdiff.py or --quick                          # seconds (a test runs it)
 
 **OR** (the paper's Table 1: two models trained on disjoint halves of CIFAR-10, composed by OR): our A
 (base fine-tuned on garments 0–4) and B (on 5–9), prompted with a colour only (``"red"``, … — the garment is
@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cfg", type=float, default=fc.CFG)
     parser.add_argument("--sde-steps", type=int, default=40, help="SuperDiff sampler steps")
     parser.add_argument("--per-colour", type=int, default=20, help="OR: pictures per colour prompt and seed")
-    parser.add_argument("--per-pair", type=int, default=16, help="AND: pictures per (colour, garment) and seed")
+    parser.add_argument("--per-pair", type=int, default=24, help="AND: pictures per (colour, garment) and seed")
     args = parser.parse_args(argv)
     if args.out == fc.RESULTS_DIR / "family_superdiff.json":
         args.out = fc.RESULTS_DIR / f"family_superdiff_{args.mode}.json"
