@@ -90,3 +90,11 @@ def test_steps_to_reach_interpolates_the_first_crossing():
     assert clts.steps_to_reach(curve, 60.0) == 75.0
     assert clts.steps_to_reach(curve, 80.0) == 50.0
     assert clts.steps_to_reach(curve, 10.0) is None
+
+
+def test_clts_targets_are_paired_per_seed():
+    clts = bench_module("bench_family_clts")
+    uniform = [{"seed": 0, "curve": [(0, 800.0), (20, 100.0)]}, {"seed": 1, "curve": [(0, 900.0), (20, 200.0)]}]
+    targets = clts.seed_targets([800.0, 900.0], uniform)
+    expected = [{"50 %": 450.0, "90 %": 170.0, "100 %": 100.0}, {"50 %": 550.0, "90 %": 270.0, "100 %": 200.0}]
+    assert [pytest.approx(t) for t in targets] == expected
