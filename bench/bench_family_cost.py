@@ -104,7 +104,7 @@ def taesd_candidate(torch, side: int, batch: int):
 
 
 def vae_candidate(mini, torch, overrides: dict, side: int, batch: int):
-    vae = mini._quiet(mini.build_vae, {}, overrides)
+    vae = mini.without_missing_key_log(mini.build_vae, {}, overrides)
     model = vae.first_stage_model.float().train()
     for module in model.modules():
         for base in (torch.nn.Linear, torch.nn.Conv2d):

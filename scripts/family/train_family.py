@@ -258,7 +258,7 @@ def train_vae(args, preset: Preset, log: Log) -> dict:
     mini = pack_module("nodes.mini_models")
     data = pack_module("merging.family_data")
     device = torch.device(args.device)
-    vae = mini._quiet(mini.build_vae, {}, preset.vae)
+    vae = mini.without_missing_key_log(mini.build_vae, {}, preset.vae)
     autoencoder = vae.first_stage_model.to(device).float().train()
     seeded_init(autoencoder, args.seed)
     grey_images, _ = training_images(preset)

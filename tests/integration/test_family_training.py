@@ -58,7 +58,7 @@ def comfyui_root() -> Path:
 
 
 def test_latent_normalisation_is_exact_and_reaches_the_target_scale(train_family):
-    vae = mini_models._quiet(mini_models.build_vae, {})
+    vae = mini_models.without_missing_key_log(mini_models.build_vae, {})
     autoencoder = vae.first_stage_model.float()
     train_family.seeded_init(autoencoder, 0)
     pixels = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
