@@ -209,6 +209,7 @@ def log_run(label: str, run: dict) -> None:
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # fewer under `taskset`: every tool on the same cores
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
         "platform": platform.platform(),
         "python": platform.python_version(),
