@@ -228,17 +228,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.every, args.batch, args.images, args.samples = 1, 4, 2, 4, 32, 6
-    torch.set_num_threads(args.threads)
-    started = time.monotonic()
-    fc.boot()
-    family = fc.family(args.models, reference_limit=1000 if args.quick else None)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        body = run(args, family)
-    results = {**fc.header(args, "CLTS / MDLRC on the mini family: steps to a fixed cFID", started), **body}
-    results["table"] = markdown(results)
-    fc.write_json(args.out, results)
-    print(results["table"], flush=True)
-    return results
+    return fc.run_and_report(args, "CLTS / MDLRC on the mini family: steps to a fixed cFID", run, markdown)
 
 
 if __name__ == "__main__":

@@ -265,17 +265,8 @@ def main(argv=None) -> dict:
         args.out = fc.RESULTS_DIR / f"family_superdiff_{args.mode}.json"
     if args.quick:
         args.seeds, args.sde_steps = min(args.seeds, 1), 4
-    torch.set_num_threads(args.threads)
-    started = time.monotonic()
-    fc.boot()
-    family = fc.family(args.models, reference_limit=1000 if args.quick else None)
-    with torch.inference_mode():  # as ComfyUI's executor runs every node
-        body = run_or(args, family) if args.mode == "or" else run_and(args, family)
-    results = {**fc.header(args, f"SuperDiff {args.mode.upper()} on the mini family", started), **body}
-    results["table"] = markdown(results)
-    fc.write_json(args.out, results)
-    print(results["table"], flush=True)
-    return results
+    run = run_or if args.mode == "or" else run_and
+    return fc.run_and_report(args, f"SuperDiff {args.mode.upper()} on the mini family", run, markdown)
 
 
 if __name__ == "__main__":

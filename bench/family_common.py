@@ -307,6 +307,22 @@ def header(args, title: str, started: float) -> dict:
     }
 
 
+def run_and_report(args, title: str, run, markdown) -> dict:
+    """The part every family bench shares: boot ComfyUI, load the family, ``run(args, family)`` under inference
+    mode (as ComfyUI's executor runs every node), then write the results JSON with its markdown table and print it."""
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    boot()
+    fam = family(args.models, reference_limit=1000 if args.quick else None)
+    with torch.inference_mode():
+        body = run(args, fam)
+    results = {**header(args, title, started), **body}
+    results["table"] = markdown(results)
+    write_json(args.out, results)
+    print(results["table"], flush=True)
+    return results
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
